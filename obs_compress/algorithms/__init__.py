@@ -1,0 +1,141 @@
+"""``prune_weight``: the one entry point to every solver.
+
+Shapes: ``weight W: (d_out, d_in)``, ``hessian H: (d_in, d_in)`` with ``H = 2 X^T X / n``
+for calibration inputs ``X: (n, d_in)``; the loss is ``E = ||(W' - W) X^T||^2 / n``.
+Never sees ``nn.Module``, files or transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from obs_compress_kernels import BACKENDS
+
+from ..errors import InvalidArgument, NonFiniteError
+from ..math.hessian import Curvature
+from ..math.inverse import prepare_curvature
+from ..math.masks import ALLOCATIONS, check_pattern_fits, check_sparsity, parse_pattern
+from .mask_only import magnitude, obd
+from .obs import obs_blockwise, obs_exact
+from .refit import refit_kept_weights, row_losses
+
+METHODS = ("magnitude", "obd", "obs_exact", "obs_blockwise")
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """``weight``: the pruned weight (pruned entries exactly 0), in the input's dtype;
+    ``mask``: bool, True where pruned; ``loss``: per row, the predicted increase of ``E``
+    (the solver's own prediction under the damped ``H`` it used; exact on the calibration
+    data when ``dampening_frac=0``)."""
+
+    weight: torch.Tensor  # (d_out, d_in)
+    mask: torch.Tensor  # (d_out, d_in) bool
+    loss: torch.Tensor  # (d_out,)
+
+    @property
+    def sparsity(self) -> float:
+        return self.mask.float().mean().item()
+
+
+def _check_arguments(weight, hessian, method, allocation, block_size, backend):
+    if method not in METHODS:
+        raise InvalidArgument(f"method must be one of {METHODS}, got {method!r}")
+    if allocation not in ALLOCATIONS:
+        raise InvalidArgument(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if backend not in BACKENDS:
+        raise InvalidArgument(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise InvalidArgument(f"block_size must be a positive integer, got {block_size!r}")
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or not weight.is_floating_point():
+        raise InvalidArgument("weight must be a 2-D floating-point tensor (d_out, d_in), got "
+                              f"{getattr(weight, 'shape', type(weight))}")
+    if not torch.isfinite(weight).all():
+        raise NonFiniteError("weight holds NaN or infinity")
+    if hessian is None:
+        if method != "magnitude":
+            raise InvalidArgument(f"method {method!r} needs the Hessian (only 'magnitude' does not)")
+        return None
+    curvature = hessian if isinstance(hessian, Curvature) else Curvature(hessian=hessian)
+    if curvature.d_in != weight.shape[1]:
+        raise InvalidArgument(f"{curvature.name or 'layer'}: the Hessian is for d_in={curvature.d_in}"
+                              f" but the weight has {weight.shape[1]} input columns")
+    return curvature
+
+
+def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None, *, method: str,
+                 sparsity: float, pattern: str = "unstructured", allocation: str = "layer",
+                 block_size: int = 128, dampening_frac: float = 0.01, refit: bool = False,
+                 backend: str = "auto") -> PruneResult:
+    """Prune one layer's weight with second-order information; inputs are not modified.
+
+    ``hessian``: ``H`` (undamped) or a :class:`~obs_compress.math.hessian.Curvature` from an
+    accumulator (the recursive one holds ``H^-1`` with its dampening already in, so
+    ``dampening_frac`` does not apply to it). ``method``: ``magnitude`` | ``obd`` |
+    ``obs_exact`` | ``obs_blockwise``. ``pattern``: ``"unstructured"`` or ``"N:M"`` (at most
+    N nonzeros in every M consecutive inputs; ``sparsity`` and ``allocation`` then do not
+    apply). ``allocation``: ``"row"`` (same count per row) or ``"layer"`` (rows differ by
+    predicted loss). ``refit``: re-solve the kept weights for the final mask (exact
+    least-squares optimum of that mask). ``backend``: ``"auto"`` | ``"torch"`` | ``"triton"``.
+    Work happens in float64 when the weight or Hessian is float64, else float32.
+    """
+    curvature = _check_arguments(weight, hessian, method, allocation, block_size, backend)
+    parsed = parse_pattern(pattern)
+    sparsity = parsed.sparsity if parsed.is_nm else check_sparsity(sparsity)
+    name = curvature.name if curvature is not None else ""
+    check_pattern_fits(parsed, weight.shape[1], name)
+    if method == "obs_blockwise" and parsed.is_nm and block_size % parsed.m:
+        raise InvalidArgument(f"block_size {block_size} must be a multiple of M={parsed.m} for "
+                              f"pattern {parsed}, so that no N:M group straddles two blocks")
+    if not isinstance(dampening_frac, (int, float)) or not dampening_frac >= 0:
+        raise InvalidArgument(f"dampening_frac must be >= 0, got {dampening_frac!r}")
+
+    reference = curvature.hessian if curvature is not None and curvature.hessian is not None \
+        else (curvature.hessian_inverse if curvature is not None else weight)
+    dtype = torch.float64 if torch.float64 in (weight.dtype, reference.dtype) else torch.float32
+    original = weight.detach().to(dtype=dtype, device=reference.device)
+
+    # The recursive path holds no raw H: preparing it yields the damped H for the loss.
+    needs_inverse = method in ("obs_exact", "obs_blockwise") or refit or (
+        curvature is not None and curvature.hessian is None)
+    prepared = prepare_curvature(curvature, dampening_frac, dtype=dtype) if needs_inverse else None
+    # The loss of a finished weight is measured with the raw H (exact on the calibration
+    # data); the recursive path has only the damped inverse, so its damped H stands in.
+    loss_hessian = None
+    if curvature is not None and curvature.hessian is not None:
+        loss_hessian = curvature.hessian.to(dtype)
+    elif curvature is not None and prepared is not None:
+        loss_hessian = prepared.hessian
+
+    if method == "magnitude":
+        mask = magnitude(original, sparsity=sparsity, pattern=parsed, allocation=allocation)
+    elif method == "obd":
+        # Undamped diag(H): dead inputs have H_qq = 0, so they score 0 and go first.
+        diagonal = (curvature.hessian_diagonal if curvature.hessian_diagonal is not None
+                    else torch.diagonal(curvature.hessian))
+        mask = obd(original, diagonal.to(dtype), sparsity=sparsity, pattern=parsed,
+                   allocation=allocation)
+    elif method == "obs_exact":
+        pruned, mask, loss = obs_exact(original, prepared, sparsity=sparsity, pattern=parsed,
+                                       allocation=allocation, backend=backend)
+    else:
+        pruned, mask, loss = obs_blockwise(original, prepared, sparsity=sparsity, pattern=parsed,
+                                           allocation=allocation, block_size=block_size,
+                                           backend=backend)
+    if refit:
+        if prepared is None:
+            raise InvalidArgument("refit needs the Hessian")
+        pruned = refit_kept_weights(original, mask, prepared.hessian)
+    elif method in ("magnitude", "obd"):
+        pruned = original.masked_fill(mask, 0)
+    if refit or method in ("magnitude", "obd"):
+        loss = (row_losses(pruned - original, loss_hessian) if loss_hessian is not None
+                else torch.full((weight.shape[0],), float("nan"), dtype=dtype))
+    pruned = pruned.masked_fill(mask, 0)
+    return PruneResult(weight=pruned.to(weight.dtype).to(weight.device),
+                       mask=mask.to(weight.device), loss=loss.to(weight.device))
+
+
+__all__ = ["METHODS", "PruneResult", "prune_weight"]

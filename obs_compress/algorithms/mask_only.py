@@ -1,0 +1,30 @@
+"""Mask-only baselines: magnitude and Optimal Brain Damage (no weight update).
+
+Shapes: ``W: (d_out, d_in)``, ``diag(H): (d_in,)``.
+
+* magnitude: prune the smallest ``|w|`` (Han et al. 2015).
+* OBD (LeCun et al. 1990, eq. 6): prune the smallest ``w^2 H_qq / 2``; inputs that were
+  zero on every calibration token score 0 and go first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..math.masks import Pattern, mask_lowest, mask_lowest_nm
+from ..math.saliency import magnitude_saliency, obd_saliency
+
+
+def _mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, allocation: str):
+    if pattern.is_nm:
+        return mask_lowest_nm(scores, pattern)
+    return mask_lowest(scores, sparsity, allocation)
+
+
+def magnitude(weight: torch.Tensor, *, sparsity: float, pattern: Pattern, allocation: str):
+    return _mask(magnitude_saliency(weight), sparsity, pattern, allocation)
+
+
+def obd(weight: torch.Tensor, hessian_diagonal: torch.Tensor, *, sparsity: float,
+        pattern: Pattern, allocation: str):
+    return _mask(obd_saliency(weight, hessian_diagonal), sparsity, pattern, allocation)

@@ -1,0 +1,103 @@
+"""Optimal Brain Surgeon solvers: exact greedy per row, and blockwise for scale.
+
+Shapes: ``W: (d_out, d_in)``; ``H, H^-1, U: (d_in, d_in)`` with ``H^-1 = U^T U``, ``U``
+upper triangular; a block ``F`` of columns, ``R`` the columns after it.
+
+* :func:`obs_exact` (ExactOBS, Frantar et al. 2022, Alg. 1): each row removes, one at a
+  time, the weight of least OBS saliency ``w_q^2 / (2 [H^-1]_qq)``, compensates the rest
+  of the row with ``-(w_q / [H^-1]_qq) H^-1 e_q`` and downdates its own ``H^-1``.
+  ``O(d_out d_in^3)``.
+* :func:`obs_blockwise`: columns in blocks of ``block_size``. Inside block ``F``, with
+  earlier columns frozen and later ones free, the inverse Hessian of the block's columns is
+  ``[H_{>=F}^-1]_FF = U_FF^T U_FF`` (``U`` restricted to ``>= F`` is the Cholesky factor of
+  that trailing inverse, and ``U_RF = 0``), so every row runs exact greedy OBS on that
+  ``B x B`` tile. With ``D`` the block's total change, the optimal change of ``R`` is
+  ``D U_FF^-1 U_FR`` whatever the order inside the block. ``O(d_out d_in B^2)``.
+  With ``block_size >= d_in`` it is :func:`obs_exact`. Derivations: docs/ALGORITHMS.md.
+
+Allocation: ``row`` gives every row the same count; ``layer`` lets rows differ, choosing
+the counts from each row's greedy loss trace (the smallest increments over the layer, or
+over the block for the blockwise solver, as SparseGPT's per-block threshold does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from obs_compress_kernels import greedy_obs
+
+from ..math.inverse import PreparedCurvature
+from ..math.masks import Pattern, allocate_by_increments, split_count
+
+# With layer allocation a row may take at most this multiple of the average count (per
+# block for obs_blockwise): the greedy loss trace is only computed that far.
+ROW_COUNT_CAP = 2.0
+
+
+def _greedy_block(weight, hessian_inverse, free, *, total, rows_count, pattern, allocation,
+                  backend):
+    """Greedy OBS on one block for every row; returns (weight, mask, per-row loss)."""
+    rows, width = weight.shape
+    if pattern.is_nm:
+        steps = width // pattern.m * pattern.pruned_per_group
+        counts = torch.full((rows,), steps, dtype=torch.long, device=weight.device)
+        result = greedy_obs(weight, hessian_inverse, counts, steps, group_size=pattern.m,
+                            group_prune=pattern.pruned_per_group, free_columns=free,
+                            backend=backend)
+    elif allocation == "row":
+        counts = torch.full((rows,), rows_count, dtype=torch.long, device=weight.device)
+        result = greedy_obs(weight, hessian_inverse, counts, rows_count, free_columns=free,
+                            backend=backend)
+    else:
+        if total == 0:
+            counts = torch.zeros(rows, dtype=torch.long, device=weight.device)
+            return weight.clone(), torch.zeros_like(weight, dtype=torch.bool), counts.to(weight.dtype)
+        cap = min(width, max(1, math.ceil(ROW_COUNT_CAP * total / rows)))
+        full = torch.full((rows,), cap, dtype=torch.long, device=weight.device)
+        trace = greedy_obs(weight, hessian_inverse, full, cap, free_columns=free, backend=backend)
+        counts = allocate_by_increments(trace.step_loss, total)
+        # Replaying the same deterministic greedy with each row's own count reproduces the
+        # trace's prefix, weights included.
+        result = greedy_obs(weight, hessian_inverse, counts, cap, free_columns=free,
+                            backend=backend)
+    return result.weight, result.mask, result.step_loss.sum(dim=1)
+
+
+def obs_exact(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsity: float,
+              pattern: Pattern, allocation: str, backend: str = "auto"):
+    rows, width = weight.shape
+    return _greedy_block(weight, curvature.hessian_inverse, curvature.dead_inputs,
+                         total=split_count(width, 0, width, sparsity, rows),
+                         rows_count=split_count(width, 0, width, sparsity),
+                         pattern=pattern, allocation=allocation, backend=backend)
+
+
+def obs_blockwise(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsity: float,
+                  pattern: Pattern, allocation: str, block_size: int, backend: str = "auto"):
+    rows, width = weight.shape
+    upper = curvature.upper_factor
+    dead = curvature.dead_inputs
+    result = weight.clone()
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    loss = torch.zeros(rows, dtype=weight.dtype, device=weight.device)
+    for col_start in range(0, width, block_size):
+        col_end = min(col_start + block_size, width)
+        block_upper = upper[col_start:col_end, col_start:col_end]
+        block_inverse = block_upper.T @ block_upper  # conditional inverse U_FF^T U_FF
+        before = result[:, col_start:col_end]
+        after, block_mask, block_loss = _greedy_block(
+            before, block_inverse, dead[col_start:col_end],
+            total=split_count(width, col_start, col_end, sparsity, rows),
+            rows_count=split_count(width, col_start, col_end, sparsity),
+            pattern=pattern, allocation=allocation, backend=backend)
+        if col_end < width:
+            # W_R += D U_FF^-1 U_FR: the optimal response of the free columns to D.
+            propagate = torch.linalg.solve_triangular(block_upper, upper[col_start:col_end, col_end:],
+                                                      upper=True)
+            result[:, col_end:].addmm_(after - before, propagate)
+        result[:, col_start:col_end] = after
+        mask[:, col_start:col_end] = block_mask
+        loss += block_loss
+    return result, mask, loss

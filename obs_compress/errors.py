@@ -1,0 +1,29 @@
+"""Typed errors of obs_compress. Each message names what failed and what to change."""
+
+
+class ObsCompressError(Exception):
+    """Base class of every error obs_compress raises on purpose."""
+
+
+class InvalidArgument(ObsCompressError, ValueError):
+    """A user-supplied value is outside what the method accepts."""
+
+
+class HessianNotPositiveDefinite(ObsCompressError, ArithmeticError):
+    """The (damped) Hessian could not be factorized even after raising the dampening."""
+
+
+class NonFiniteError(ObsCompressError, ArithmeticError):
+    """A weight, activation or Hessian holds NaN or infinity."""
+
+
+class RecipeError(ObsCompressError, ValueError):
+    """A recipe field is unknown or holds a value that is not allowed."""
+
+
+class ModelLoadError(ObsCompressError, OSError):
+    """The model could not be found or loaded as asked."""
+
+
+class OutputExistsError(ObsCompressError, FileExistsError):
+    """The output folder exists and is not empty, and overwriting was not asked for."""

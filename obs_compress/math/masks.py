@@ -1,0 +1,143 @@
+"""Sparsity patterns, exact prune counts, and masks from scores.
+
+Shapes: scores and masks ``(d_out, d_in)``; a mask is bool, True where a weight is pruned.
+
+* Unstructured with ``allocation="row"``: every row prunes the same count.
+* Unstructured with ``allocation="layer"``: the layer prunes ``round(sparsity * numel)``
+  in total, rows differ.
+* ``N:M`` (NVIDIA's convention): at most N nonzeros in every group of M consecutive inputs,
+  so every group holds exactly ``M - N`` zeros and the sparsity is ``1 - N/M``.
+
+Counts round half up: ``count(total, s) = floor(s * total + 0.5)``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidArgument
+
+ALLOCATIONS = ("row", "layer")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern: ``unstructured``, or ``N:M`` with ``n`` kept of every ``m``."""
+
+    n: int = 0
+    m: int = 0
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @property
+    def pruned_per_group(self) -> int:
+        return self.m - self.n
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_pattern(pattern: str | Pattern) -> Pattern:
+    """``"unstructured"`` or ``"N:M"`` with ``0 < N < M``."""
+    if isinstance(pattern, Pattern):
+        return pattern
+    if not isinstance(pattern, str):
+        raise InvalidArgument(f"pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    if pattern.strip().lower() == "unstructured":
+        return Pattern()
+    match = _NM.match(pattern)
+    if not match:
+        raise InvalidArgument(f"pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise InvalidArgument(f"pattern {pattern!r}: N:M needs 0 < N < M (N kept of every M), "
+                              f"got N={n}, M={m}")
+    return Pattern(n, m)
+
+
+def check_sparsity(sparsity: float) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
+            or not math.isfinite(sparsity) or not 0.0 <= sparsity < 1.0:
+        raise InvalidArgument(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def check_pattern_fits(pattern: Pattern, d_in: int, name: str = "") -> None:
+    if pattern.is_nm and d_in % pattern.m != 0:
+        raise InvalidArgument(
+            f"layer {name or '?'}: pattern {pattern} needs M={pattern.m} to divide the input "
+            f"width d_in={d_in}; choose an M that divides {d_in} or exclude this layer")
+
+
+def prune_count(total: int, sparsity: float) -> int:
+    """Weights to prune out of ``total`` at ``sparsity``, rounded half up."""
+    return int(math.floor(sparsity * total + 0.5))
+
+
+def split_count(total_width: int, start: int, end: int, sparsity: float, rows: int = 1) -> int:
+    """The share of ``prune_count(rows * total_width)`` that falls in columns ``[start, end)``.
+
+    Shares of consecutive ranges add up exactly to the whole count.
+    """
+    return prune_count(rows * end, sparsity) - prune_count(rows * start, sparsity)
+
+
+def mask_lowest(scores: torch.Tensor, sparsity: float, allocation: str) -> torch.Tensor:
+    """Prune the lowest scores: per row (``row``) or over the whole matrix (``layer``)."""
+    rows, cols = scores.shape
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if allocation == "row":
+        count = prune_count(cols, sparsity)
+        if count:
+            index = torch.topk(scores, count, dim=1, largest=False).indices
+            mask.scatter_(1, index, True)
+    elif allocation == "layer":
+        count = prune_count(rows * cols, sparsity)
+        if count:
+            index = torch.topk(scores.flatten(), count, largest=False).indices
+            mask.view(-1)[index] = True
+    else:
+        raise InvalidArgument(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    return mask
+
+
+def mask_lowest_nm(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """In each group of ``m`` consecutive inputs prune the ``m - n`` lowest scores."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // pattern.m, pattern.m)
+    index = torch.topk(groups, pattern.pruned_per_group, dim=2, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, index, True)
+    return mask.reshape(rows, cols)
+
+
+def allocate_by_increments(step_loss: torch.Tensor, total: int) -> torch.Tensor:
+    """Per-row prune counts summing to ``total`` that minimise the summed predicted loss.
+
+    ``step_loss: (rows, steps)`` holds each row's loss increase at each greedy step (the
+    ExactOBS loss traces, Frantar et al. 2022, sec. 4). Increments are made non-decreasing
+    along each row (running maximum) so that picking the ``total`` smallest over the whole
+    layer always takes a prefix of every row's sequence.
+    """
+    rows, steps = step_loss.shape
+    if total > rows * steps:
+        raise InvalidArgument(f"cannot prune {total} weights in {rows} rows of {steps} steps")
+    counts = torch.zeros(rows, dtype=torch.long, device=step_loss.device)
+    if total == 0:
+        return counts
+    monotone = torch.cummax(step_loss, dim=1).values
+    index = torch.topk(monotone.flatten(), total, largest=False).indices
+    counts.scatter_add_(0, index // steps, torch.ones_like(index))
+    return counts

@@ -1,0 +1,145 @@
+import logging
+
+import pytest
+import torch
+
+from obs_compress import Curvature, HessianAccumulator, RecursiveInverseAccumulator
+from obs_compress.errors import HessianNotPositiveDefinite, InvalidArgument, NonFiniteError
+from obs_compress.math.inverse import prepare_curvature, recursive_inverse, woodbury_downdate_
+
+from _problems import correlated_inputs
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return correlated_inputs(300, 20, generator=g)
+
+
+def test_accumulator_streams_batches_of_any_shape(inputs):
+    acc = HessianAccumulator(20, dtype=torch.float64)
+    acc.add_batch(inputs[:100].reshape(4, 25, 20))  # (batch, seq, d_in)
+    acc.add_batch(inputs[100:250])
+    acc.add_batch(inputs[250:].float())  # low-precision batches are cast, not truncated
+    curvature = acc.finalize()
+    expected = 2 * inputs.T @ inputs / 300
+    assert curvature.n_tokens == 300
+    torch.testing.assert_close(curvature.hessian, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_accumulator_default_fp32_and_fp64_on_request(inputs):
+    assert HessianAccumulator(20).finalize.__self__.sum_outer.dtype == torch.float32
+    acc = HessianAccumulator(20, dtype=torch.float64)
+    acc.add_batch(inputs)
+    assert acc.finalize().hessian.dtype == torch.float64
+    with pytest.raises(InvalidArgument, match="float32 or float64"):
+        HessianAccumulator(20, dtype=torch.float16)
+
+
+def test_accumulator_rejects_bad_inputs(inputs):
+    acc = HessianAccumulator(20, name="model.layers.0.mlp.up_proj")
+    with pytest.raises(InvalidArgument, match="expected d_in=20"):
+        acc.add_batch(torch.zeros(3, 21))
+    bad = inputs.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(NonFiniteError, match="model.layers.0.mlp.up_proj"):
+        acc.add_batch(bad)
+    with pytest.raises(InvalidArgument, match="no calibration tokens"):
+        acc.finalize()
+
+
+def test_dead_inputs_are_marked(inputs):
+    x = inputs.clone()
+    x[:, 7] = 0
+    acc = HessianAccumulator(20, dtype=torch.float64)
+    acc.add_batch(x)
+    curvature = acc.finalize()
+    assert curvature.dead_inputs.tolist() == [i == 7 for i in range(20)]
+    prepared = prepare_curvature(curvature, 0.0, dtype=torch.float64)
+    # The dead column is decoupled and the damped H stays invertible.
+    assert prepared.hessian[7, :7].abs().max() == 0 and prepared.hessian[7, 7] > 0
+    torch.testing.assert_close(prepared.hessian_inverse @ prepared.hessian,
+                               torch.eye(20, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+def test_dampening_and_upper_factor(inputs):
+    hessian = 2 * inputs.T @ inputs / 300
+    prepared = prepare_curvature(Curvature(hessian=hessian), 0.05, dtype=torch.float64)
+    damped = hessian + 0.05 * torch.diagonal(hessian).mean() * torch.eye(20, dtype=torch.float64)
+    torch.testing.assert_close(prepared.hessian, damped)
+    torch.testing.assert_close(prepared.hessian_inverse, torch.linalg.inv(damped))
+    upper = prepared.upper_factor
+    assert torch.equal(upper, torch.triu(upper))
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped))
+
+
+def test_singular_hessian_raises_dampening_step_by_step(caplog):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 12, generator=g, dtype=torch.float64)  # rank 5 < 12: singular
+    hessian = 2 * x.T @ x / 5
+    with caplog.at_level(logging.INFO, logger="obs_compress"):
+        prepared = prepare_curvature(Curvature(hessian=hessian, name="blk.q"), 0.0,
+                                     dtype=torch.float64)
+    assert prepared.dampening_frac > 0
+    assert "blk.q" in caplog.text and "succeeded with" in caplog.text
+    # Never the identity: the inverse is that of the damped Hessian.
+    torch.testing.assert_close(prepared.hessian_inverse @ prepared.hessian,
+                               torch.eye(12, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_indefinite_hessian_past_the_cap_raises_typed_error():
+    hessian = torch.tensor([[1.0, 3.0], [3.0, 1.0]], dtype=torch.float64)  # eigenvalue -2
+    with pytest.raises(HessianNotPositiveDefinite, match=r"layer blk\.3\.down_proj.*dampening_frac"):
+        prepare_curvature(Curvature(hessian=hessian, name="blk.3.down_proj"), 0.01)
+
+
+def test_non_finite_hessian_is_refused():
+    hessian = torch.eye(4)
+    hessian[1, 2] = float("inf")
+    with pytest.raises(NonFiniteError, match="NaN or infinity"):
+        prepare_curvature(Curvature(hessian=hessian), 0.01)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 64])
+def test_recursive_inverse_matches_direct_inverse(inputs, block_size):
+    alpha = 3.0
+    recursive = recursive_inverse(inputs, alpha, block_size=block_size)
+    direct = torch.linalg.inv(alpha * torch.eye(20, dtype=torch.float64) + 2 * inputs.T @ inputs)
+    torch.testing.assert_close(recursive, direct, rtol=1e-8, atol=1e-12)
+
+
+def test_sherman_morrison_step_is_eq17(inputs):
+    start = torch.eye(20, dtype=torch.float64) / 2.0
+    x = inputs[0]
+    updated = woodbury_downdate_(start.clone(), x[None])
+    expected = start - (start @ x[:, None]) @ (x[None] @ start) / (1 + x @ start @ x)
+    torch.testing.assert_close(updated, expected)
+
+
+@pytest.mark.parametrize("block_size", [1, 32])
+def test_recursive_accumulator_gives_damped_inverse_hessian(inputs, block_size):
+    acc = RecursiveInverseAccumulator(20, alpha=6.0, block_size=block_size)
+    acc.add_batch(inputs[:120].reshape(3, 40, 20))
+    acc.add_batch(inputs[120:])
+    curvature = acc.finalize()
+    hessian = 2 * inputs.T @ inputs / 300
+    expected = torch.linalg.inv(hessian + (6.0 / 300) * torch.eye(20, dtype=torch.float64))
+    torch.testing.assert_close(curvature.hessian_inverse, expected, rtol=1e-8, atol=1e-10)
+    assert curvature.dampening == pytest.approx(6.0 / 300)
+
+
+def test_recursive_alpha_from_dampening_frac(inputs):
+    acc = RecursiveInverseAccumulator(20, dampening_frac=0.01, expected_tokens=300)
+    acc.add_batch(inputs)  # one batch: the first batch is the whole data, so alpha is exact
+    curvature = acc.finalize()
+    hessian = 2 * inputs.T @ inputs / 300
+    lam = 0.01 * torch.diagonal(hessian).mean()
+    torch.testing.assert_close(curvature.hessian_inverse,
+                               torch.linalg.inv(hessian + lam * torch.eye(20, dtype=torch.float64)))
+
+
+def test_recursive_accumulator_needs_a_scale():
+    with pytest.raises(InvalidArgument, match="expected_tokens"):
+        RecursiveInverseAccumulator(8)
+    with pytest.raises(InvalidArgument, match="alpha must be > 0"):
+        RecursiveInverseAccumulator(8, alpha=0.0)
