@@ -34,6 +34,40 @@ from ..math.masks import Pattern, allocate_by_increments, split_count
 # With layer allocation a row may take at most this multiple of the average count (per
 # block for obs_blockwise): the greedy loss trace is only computed that far.
 ROW_COUNT_CAP = 2.0
+# Elements of the batched (rows, B, B) systems of remove_set held at once.
+SOLVE_CHUNK_ELEMENTS = 1 << 24
+
+
+def _prefix_mask(order: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """Mask of the first ``counts[r]`` columns in each row's removal ``order``."""
+    taken = torch.arange(order.shape[1], device=order.device)[None, :] < counts[:, None]
+    mask = torch.zeros(order.shape[0], width + 1, dtype=torch.bool, device=order.device)
+    # Steps not taken scatter into a spare last column that is dropped.
+    mask.scatter_(1, torch.where(taken, order, width), True)
+    return mask[:, :width]
+
+
+def remove_set(weight: torch.Tensor, hessian_inverse: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """OBS removal of a whole set per row at once (Hassibi & Stork 1992, eq. 5 for a set).
+
+    For row ``r`` with pruned set ``S``: ``dw = -w_S ([H^-1]_SS)^-1 [H^-1]_S,:``, the minimum
+    of ``dw^T H dw`` with ``w_S + dw_S = 0``; identical to removing ``S`` one weight at a
+    time with compensation. Batched with the kept coordinates replaced by the identity.
+    """
+    rows, width = weight.shape
+    result = torch.empty_like(weight)
+    eye = torch.eye(width, dtype=weight.dtype, device=weight.device)
+    chunk = max(1, SOLVE_CHUNK_ELEMENTS // (width * width))
+    for start in range(0, rows, chunk):
+        w = weight[start:start + chunk]
+        pruned = mask[start:start + chunk].to(weight.dtype)
+        system = (hessian_inverse * (pruned[:, :, None] * pruned[:, None, :])
+                  + eye * (1 - pruned)[:, None, :])
+        factor = torch.linalg.cholesky(system)
+        solved = torch.cholesky_solve((w * pruned)[:, :, None], factor).squeeze(-1)
+        result[start:start + chunk] = w - solved @ hessian_inverse
+    return result.masked_fill(mask, 0)
 
 
 def _greedy_block(weight, hessian_inverse, free, *, total, rows_count, pattern, allocation,
@@ -58,10 +92,10 @@ def _greedy_block(weight, hessian_inverse, free, *, total, rows_count, pattern, 
         full = torch.full((rows,), cap, dtype=torch.long, device=weight.device)
         trace = greedy_obs(weight, hessian_inverse, full, cap, free_columns=free, backend=backend)
         counts = allocate_by_increments(trace.step_loss, total)
-        # Replaying the same deterministic greedy with each row's own count reproduces the
-        # trace's prefix, weights included.
-        result = greedy_obs(weight, hessian_inverse, counts, cap, free_columns=free,
-                            backend=backend)
+        mask = _prefix_mask(trace.order, counts, width)
+        steps = torch.arange(cap, device=weight.device)
+        loss = (trace.step_loss * (steps[None, :] < counts[:, None])).sum(dim=1)
+        return remove_set(weight, hessian_inverse, mask), mask, loss
     return result.weight, result.mask, result.step_loss.sum(dim=1)
 
 
