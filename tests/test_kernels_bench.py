@@ -1,0 +1,78 @@
+"""tools/bench_kernels.py: its SparseGPT-style baseline against oracles, and a tiny smoke run."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_PATH = Path(__file__).resolve().parents[1] / "tools" / "bench_kernels.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = module  # dataclasses look their module up while building
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_kernels", None)
+
+
+def test_sparsegpt_reference_with_identity_hessian_is_magnitude(bench):
+    # H = I (undamped: dampening 0): U = I, no compensation, mask = lowest |w| per block.
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 32, generator=g)
+    pruned, mask = bench.sparsegpt_reference(weight, torch.eye(32), sparsity=0.5, nm=None,
+                                             block_size=16, dampening_frac=0.0)
+    for start in (0, 16):
+        block = weight[:, start:start + 16].abs().flatten()
+        expected = torch.zeros_like(block, dtype=torch.bool)
+        expected[torch.topk(block, 48, largest=False).indices] = True
+        assert torch.equal(mask[:, start:start + 16].flatten(), expected)
+    torch.testing.assert_close(pruned, weight.masked_fill(mask, 0))
+    pruned, mask = bench.sparsegpt_reference(weight, torch.eye(32), sparsity=0.5, nm=(2, 4),
+                                             dampening_frac=0.0)
+    groups = weight.abs().view(6, 8, 4)
+    expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(
+        2, torch.topk(groups, 2, dim=2, largest=False).indices, True)
+    assert torch.equal(mask, expected.view(6, 32))
+
+
+def test_sparsegpt_reference_compensation_is_least_squares_for_one_column(bench):
+    # Pruning only the first column (later columns all free): SparseGPT's update is the
+    # exact OBS, i.e. least-squares, one.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    hessian = 2 * x.T @ x / 64
+    weight = torch.randn(1, 8, generator=g, dtype=torch.float64)
+    weight[0, 0] = 1e-3  # the smallest score by far
+    pruned, mask = bench.sparsegpt_reference(weight, hessian, sparsity=1 / 8, nm=None,
+                                             dampening_frac=0.0)
+    assert mask[0].nonzero().flatten().tolist() == [0]
+    # min ||(w' - w) X^T|| with w'_0 = 0, solved directly.
+    target = (weight @ x.T).T
+    solution = torch.linalg.lstsq(x[:, 1:], target).solution.T
+    torch.testing.assert_close(pruned[0, 1:], solution[0], atol=1e-10, rtol=1e-8)
+    assert pruned[0, 0] == 0
+
+
+def test_bench_smoke_run_on_cpu(bench, monkeypatch, tmp_path, capsys):
+    pytest.importorskip("obs_compress")
+    monkeypatch.setitem(bench.SHAPES, "smol", [(8, 32)])
+    output = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--shapes", "smol", "--json", str(output),
+                       "--kernel-step", "--exact-rows", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "| 8x32 | 2:4 | sparsegpt | torch |" in table
+    rows = json.loads(output.read_text())["rows"]
+    solvers = {(row["pattern"], row["solver"]) for row in rows}
+    assert {("50%", "sparsegpt"), ("50%", "in-block step"), ("2:4", "obs_exact")} <= solvers
+    for row in rows:
+        assert row["time_s"] > 0
+        if row["solver"] != "in-block step":
+            assert row["error"] >= 0
