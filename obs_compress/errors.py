@@ -27,3 +27,7 @@ class ModelLoadError(ObsCompressError, OSError):
 
 class OutputExistsError(ObsCompressError, FileExistsError):
     """The output folder exists and is not empty, and overwriting was not asked for."""
+
+
+class UnsupportedModel(ObsCompressError, ValueError):
+    """The model has no block stack of prunable layers that the driver can walk."""

@@ -41,6 +41,30 @@ from .math.masks import ALLOCATIONS, parse_pattern
 INVERSES = ("cholesky", "recursive")
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers, so ``pattern: 2:4`` is the string '2:4', not 124."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 @dataclass(frozen=True)
 class PruneSettings:
     """How one layer is pruned; the keyword arguments of ``prune_weight`` plus ``inverse``."""
@@ -159,7 +183,7 @@ class Recipe:
                 raise RecipeError(f"override {assignment!r} must look like field=value "
                                   "(e.g. sparsity=0.7 or calibration.n_samples=16)")
             try:
-                value = yaml.safe_load(text) if text.strip() else None
+                value = _yaml_load(text) if text.strip() else None
             except yaml.YAMLError as exc:
                 raise RecipeError(f"override {assignment!r}: the value is not valid YAML ({exc})")
             if key.startswith("calibration."):
@@ -169,8 +193,8 @@ class Recipe:
                 data["calibration"][sub] = value
                 continue
             if key not in data:
-                _unknown("", key, tuple(data) + tuple(f"calibration.{c}" for c in CALIBRATION_FIELDS),
-                         "")
+                allowed = tuple(data) + tuple(f"calibration.{c}" for c in CALIBRATION_FIELDS)
+                _unknown("", key, allowed, "")
             data[key] = value
             explicit_sparsity |= key == "sparsity"
             pattern_changed |= key == "pattern"
@@ -193,7 +217,7 @@ def load_recipe(recipe: "str | Path | Mapping[str, Any] | Recipe | None") -> Rec
         raise RecipeError(f"recipe file {str(path)!r} does not exist (or is not a file); "
                           "see recipes/*.yaml for examples")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path}: not valid YAML: {exc}") from None
     if data is None:

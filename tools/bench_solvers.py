@@ -148,7 +148,7 @@ def main():
 
     folder = args.model or ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     texts = load_texts("c4", start=0, stop=1000)
     tokens = calibration_samples(tokenizer, texts, n_samples=args.n_samples, seq_len=args.seq_len,
                                  seed=0)

@@ -1,0 +1,181 @@
+"""The Python API: prune a loaded model in place, or a checkpoint into a new folder.
+
+* :func:`oneshot` prunes an already loaded ``PreTrainedModel`` in place with a recipe and
+  calibration data, and returns a :class:`~obs_compress.driver.PruneReport`.
+* :func:`save_pretrained` writes it as a Hugging Face folder (atomic, sparsity in
+  ``config.json``, recipe and report beside it).
+* :func:`prune_checkpoint` is the whole job of ``obs-compress prune``: load, prune, save.
+
+Calibration data (``dataset``) is any of: ``None`` (the recipe's ``calibration.source``),
+a source name or file (``"c4"``, ``"wikitext2"``, ``"self"``, ``.txt``/``.json``/``.jsonl``/
+``.parquet``), a list of documents, or token ids ``(n_samples, seq_len)`` used as given.
+Text is tokenized and sampled by the protocol of ``../shared/data/README.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .data import calibration_samples, load_texts, self_generated_texts
+from .driver import PruneReport, build_plan, prune_model
+from .errors import InvalidArgument
+from .export.checkpoint import check_output_dir
+from .export.checkpoint import save_pretrained as _save_pretrained
+from .model.loading import load_model
+from .recipe import CalibrationSettings, Recipe, load_recipe
+
+logger = logging.getLogger(__name__)
+
+SELF_SOURCE = "self"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``"auto"``: the GPU when there is one, else the CPU; ``None``: leave the model be."""
+    if device is None:
+        return None
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def calibration_input_ids(dataset: Any, *, tokenizer: Any, calibration: CalibrationSettings,
+                          model: nn.Module | None = None) -> torch.Tensor:
+    """Calibration token ids ``(n_samples, seq_len)`` from any accepted ``dataset`` form."""
+    if isinstance(dataset, torch.Tensor):
+        if dataset.ndim != 2 or dataset.is_floating_point() or dataset.numel() == 0:
+            raise InvalidArgument("calibration token ids must be an integer tensor (n_samples, "
+                                  f"seq_len), got {tuple(dataset.shape)} {dataset.dtype}")
+        return dataset.to(torch.int64)
+    if tokenizer is None:
+        raise InvalidArgument("calibrating on text needs a tokenizer: pass tokenizer=..., or "
+                              "give token ids (n_samples, seq_len) as the dataset")
+    if dataset is None or isinstance(dataset, (str, os.PathLike)):
+        source = os.fspath(dataset) if dataset is not None else calibration.source
+        if source == SELF_SOURCE:
+            if model is None:
+                raise InvalidArgument("--dataset self needs the model to generate text")
+            logger.info("generating %d calibration texts with the model itself",
+                        calibration.n_samples)
+            texts = self_generated_texts(model, tokenizer, n_texts=calibration.n_samples,
+                                         max_new_tokens=calibration.seq_len * 3 // 2 + 16,
+                                         seed=calibration.seed)
+        else:
+            texts = load_texts(source, start=calibration.start, stop=calibration.stop)
+    elif isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):
+        texts = list(dataset)
+    else:
+        raise InvalidArgument("dataset must be a source name or file, a list of documents, or "
+                              f"token ids (n_samples, seq_len); got {type(dataset).__name__}")
+    return calibration_samples(tokenizer, texts, n_samples=calibration.n_samples,
+                               seq_len=calibration.seq_len, seed=calibration.seed)
+
+
+def _tokenizer_for(model: nn.Module):
+    name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if not name:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # any failure: the caller gets a clear message instead
+        logger.warning("could not load a tokenizer from %s (%s)", name, exc)
+        return None
+
+
+def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None = None,
+            dataset: Any = None, *, tokenizer: Any = None,
+            device: str | torch.device | None = None, batch_size: int = 8,
+            sequential: bool | None = None, progress: bool = True) -> PruneReport:
+    """Prune ``model`` in place by ``recipe`` and return the per-layer report.
+
+    The recipe is checked against the model (targets, N:M widths) before any weight
+    changes. ``device``: where each block runs (``"auto"``, ``"cuda"``, ``"cpu"``; None:
+    where the model is); only one block at a time is moved there. ``sequential``: None
+    keeps the recipe's. An error past the checks (non-finite activations in block 5, say)
+    leaves the blocks before it pruned: reload the model before trying again.
+    """
+    recipe = load_recipe(recipe)
+    plan = build_plan(model, recipe)
+    if tokenizer is None and not isinstance(dataset, torch.Tensor):
+        tokenizer = _tokenizer_for(model)
+    input_ids = calibration_input_ids(dataset, tokenizer=tokenizer,
+                                      calibration=recipe.calibration, model=model)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and int(input_ids.max()) >= vocab:
+        raise InvalidArgument(f"calibration token id {int(input_ids.max())} is outside the "
+                              f"model's vocabulary ({vocab}); was another tokenizer used?")
+    logger.info("calibrating on %d samples of %d tokens; pruning %d layers in %d blocks of %s",
+                input_ids.shape[0], input_ids.shape[1], len(plan.layers), len(plan.blocks),
+                plan.stack.name)
+    return prune_model(model, plan, input_ids, device=resolve_device(device),
+                       batch_size=batch_size, sequential=sequential, progress=progress,
+                       model_name=getattr(model, "name_or_path", "") or "")
+
+
+def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None,
+                    source: str | os.PathLike | None = None, recipe: Any = None,
+                    report: PruneReport | None = None, overwrite: bool = False,
+                    max_shard_size: int | str = "2GB") -> Path:
+    """Write the (pruned) ``model`` as a Hugging Face folder; see
+    :func:`obs_compress.export.checkpoint.save_pretrained`."""
+    if recipe is not None:
+        recipe = load_recipe(recipe)
+    return _save_pretrained(model, out_dir, tokenizer=tokenizer, source=source, recipe=recipe,
+                            report=report, overwrite=overwrite, max_shard_size=max_shard_size)
+
+
+@dataclass
+class PruneRun:
+    """What :func:`prune_checkpoint` did."""
+
+    report: PruneReport
+    out_dir: Path
+    model: nn.Module
+    tokenizer: Any
+    seconds: float
+
+
+def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLike | dict | None,
+                     out_dir: str | os.PathLike, *, dataset: Any = None,
+                     device: str | torch.device | None = "auto", overwrite: bool = False,
+                     allow_pickle: bool = False, trust_remote_code: bool = False,
+                     dtype: Any = None, batch_size: int = 8, progress: bool = True,
+                     max_shard_size: int | str = "2GB") -> PruneRun:
+    """Load ``model`` (folder or hub id), prune it by ``recipe``, write it to ``out_dir``.
+
+    The output folder is checked first, so a refusal comes before the work; the source is
+    never modified; nothing is left in ``out_dir`` unless the run completes.
+    """
+    start = time.perf_counter()
+    recipe = load_recipe(recipe)
+    source = Path(model).expanduser()
+    check_output_dir(out_dir, overwrite=overwrite, source=source if source.exists() else None)
+    loaded = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                        dtype=dtype)
+    report = oneshot(loaded.model, recipe, dataset, tokenizer=loaded.tokenizer, device=device,
+                     batch_size=batch_size, progress=progress)
+    report.model = loaded.source
+    out = _save_pretrained(loaded.model, out_dir, tokenizer=loaded.tokenizer,
+                           source=loaded.local_folder, recipe=recipe, report=report,
+                           overwrite=overwrite, max_shard_size=max_shard_size)
+    return PruneRun(report=report, out_dir=out, model=loaded.model, tokenizer=loaded.tokenizer,
+                    seconds=time.perf_counter() - start)
+
+
+__all__ = ["PruneRun", "calibration_input_ids", "oneshot", "prune_checkpoint", "resolve_device",
+           "save_pretrained"]

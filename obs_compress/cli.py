@@ -1,0 +1,233 @@
+"""``obs-compress``: prune, evaluate and inspect Hugging Face checkpoints.
+
+The only module that reads ``argv`` or configures logging. Errors of obs_compress print one
+line (``error: ...``) and exit with status 2; Ctrl-C or SIGTERM exits with 130 and leaves no
+output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+_DESCRIPTION = "One-shot pruning of Hugging Face models with Optimal Brain Surgeon."
+_EPILOG = textwrap.dedent("""\
+    examples:
+      obs-compress prune --model ./SmolLM2 --recipe recipes/obs-50.yaml --out out/smollm2-obs50
+      obs-compress prune --model ./SmolLM2 --recipe recipes/obs-2of4.yaml --out out/s24 \\
+          --set calibration.n_samples=32 --dataset wikitext2
+      obs-compress eval --model out/smollm2-obs50 --dataset wikitext2
+      obs-compress inspect out/smollm2-obs50
+    """)
+
+_PRUNE_EPILOG = textwrap.dedent("""\
+    Recipe fields (see recipes/*.yaml): method, sparsity, pattern, allocation, block_size,
+    dampening_frac, refit, inverse, targets, ignore, overrides, sequential, calibration.
+    --set takes YAML values: --set sparsity=0.7 --set pattern=2:4 --set refit=true
+    --set calibration.n_samples=32 --set "targets=['mlp']".
+
+    Calibration (--dataset): c4 or wikitext2 (the shared data folder, else the hub), a local
+    .txt/.json/.jsonl/.parquet file (its 'text' field), or 'self' (text the model generates,
+    for when no data set is reachable).
+
+    The output is written to a hidden temporary folder beside --out and renamed at the end:
+    an interrupted run leaves no --out. The source folder is never modified.
+    """)
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if verbosity <= 0:
+        # transformers' own progress and advisory messages would drown ours.
+        for name in ("transformers", "datasets", "huggingface_hub", "accelerate"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights" bars: ours is enough
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="obs-compress", description=_DESCRIPTION, epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    prune = commands.add_parser(
+        "prune", help="prune a checkpoint by a recipe and write a sparse checkpoint",
+        description=textwrap.fill(
+            "Prune every target Linear layer of a checkpoint by a recipe, calibrating on real "
+            "text, and write a Hugging Face folder that transformers loads.", 88),
+        epilog=_PRUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prune.add_argument("--model", required=True, metavar="PATH_OR_ID",
+                       help="a local Hugging Face folder or a hub id")
+    prune.add_argument("--recipe", required=True, metavar="RECIPE.yaml",
+                       help="the recipe (e.g. recipes/obs-50.yaml)")
+    prune.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    prune.add_argument("--dataset", metavar="SOURCE",
+                       help="calibration source: c4, wikitext2, self or a file "
+                            "(default: the recipe's calibration.source)")
+    prune.add_argument("--device", default="auto",
+                       help="where each block runs: auto (GPU if any), cpu, cuda, cuda:1 "
+                            "(default: auto); only one block at a time is moved there")
+    prune.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                       default="auto", help="load the weights in this dtype (default: as stored)")
+    prune.add_argument("--batch-size", type=int, default=8, metavar="N",
+                       help="calibration samples per forward (default: 8)")
+    prune.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       dest="assignments", help="override a recipe field (repeatable)")
+    prune.add_argument("--overwrite", action="store_true",
+                       help="replace a non-empty existing --out")
+    prune.add_argument("--allow-pickle", action="store_true",
+                       help="allow loading pickle (.bin) weights; they can run code")
+    prune.add_argument("--trust-remote-code", action="store_true",
+                       help="allow running modeling code shipped with the checkpoint")
+    prune.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                       help="largest safetensors shard (default: 2GB)")
+    prune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prune.add_argument("--report", metavar="FILE",
+                       help="also write the report JSON here (it is always in --out)")
+
+    evaluate = commands.add_parser(
+        "eval", help="perplexity of a checkpoint (WikiText-2, C4 or a file)",
+        description=textwrap.fill(
+            "Perplexity by the project's protocol: non-overlapping windows of 1024 tokens, the "
+            "first 40 of WikiText-2 and 20 of C4 unless --windows says.", 88))
+    evaluate.add_argument("--model", required=True, metavar="PATH_OR_ID")
+    evaluate.add_argument("--dataset", action="append", metavar="NAME_OR_FILE",
+                          help="wikitext2, c4 or a text file; repeatable "
+                               "(default: wikitext2)")
+    evaluate.add_argument("--windows", type=int, metavar="N",
+                          help="score the first N windows (default: the protocol's count, "
+                               "every window for a file)")
+    evaluate.add_argument("--window", type=int, default=1024, help="tokens per window")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    evaluate.add_argument("--allow-pickle", action="store_true",
+                          help="allow loading pickle (.bin) weights")
+    evaluate.add_argument("--trust-remote-code", action="store_true",
+                          help="allow running modeling code shipped with the checkpoint")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    inspect = commands.add_parser(
+        "inspect", help="per-layer sparsity and N:M check of a checkpoint",
+        description=textwrap.fill(
+            "Measure every 2-D weight of a safetensors checkpoint (nothing is instantiated or "
+            "unpickled) and check an N:M pattern.", 88))
+    inspect.add_argument("folder", metavar="DIR")
+    inspect.add_argument("--pattern", metavar="N:M",
+                         help="the N:M pattern to check (default: the one in config.json, "
+                              "else 2:4)")
+    inspect.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from .api import prune_checkpoint
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.assignments:
+        recipe = recipe.with_updates(args.assignments)
+    if args.batch_size < 1:
+        raise _usage_error(f"--batch-size must be >= 1, got {args.batch_size}")
+    run = prune_checkpoint(args.model, recipe, args.out, dataset=args.dataset,
+                           device=args.device, overwrite=args.overwrite,
+                           allow_pickle=args.allow_pickle,
+                           trust_remote_code=args.trust_remote_code,
+                           dtype=None if args.dtype == "auto" else args.dtype,
+                           batch_size=args.batch_size, progress=not args.no_progress,
+                           max_shard_size=args.max_shard_size)
+    print(run.report.table())
+    print(f"wrote {run.out_dir} in {run.seconds:.1f} s")
+    if args.report:
+        Path(args.report).write_text(json.dumps(run.report.to_dict(), indent=2) + "\n",
+                                     encoding="utf-8")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .api import resolve_device
+    from .evaluate import evaluate_protocol
+    from .model.loading import load_model
+
+    loaded = load_model(args.model, allow_pickle=args.allow_pickle,
+                        trust_remote_code=args.trust_remote_code)
+    if loaded.tokenizer is None:
+        raise _usage_error(f"{args.model} has no tokenizer files; cannot evaluate on text")
+    datasets = args.dataset or ["wikitext2"]
+    device = resolve_device(args.device)
+    model = loaded.model.to(device)
+    counts = {name: args.windows for name in datasets} if args.windows else None
+    results = evaluate_protocol(model, loaded.tokenizer, datasets, n_windows=counts,
+                                window=args.window, device=device)
+    if args.json:
+        print(json.dumps({name: vars(result) for name, result in results.items()}, indent=2))
+    else:
+        for name, result in results.items():
+            print(f"{name}: perplexity {result.perplexity:.4f} "
+                  f"(mean nll {result.mean_nll:.6f} over {result.n_tokens} tokens)")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from .export.inspection import inspect_checkpoint
+
+    result = inspect_checkpoint(args.folder, pattern=args.pattern)
+    if args.json:
+        print(json.dumps({
+            "folder": str(result.folder), "pattern": str(result.pattern),
+            "global_sparsity": result.global_sparsity, "sparsity_section": result.section,
+            "tensors": [{"name": t.name, "shape": list(t.shape), "sparsity": t.sparsity,
+                         "nm": t.nm_axis is not None, "nm_axis": t.nm_axis,
+                         "target": t.target} for t in result.tensors]}, indent=2))
+    else:
+        print(result.table())
+    return 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage_error(message: str) -> _UsageError:
+    return _UsageError(message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(-1 if args.quiet else args.verbose)
+    from .errors import ObsCompressError
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        command = {"prune": _run_prune, "eval": _run_eval, "inspect": _run_inspect}[args.command]
+        return command(args)
+    except (ObsCompressError, _UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,472 @@
+"""The one layer loop: capture -> accumulate -> prune -> re-forward -> offload, block by block.
+
+The driver of SparseGPT (Frantar & Alistarh 2023, sec. 4, "catch the inputs of block 0, then
+walk the blocks"), written once for every model ``transformers`` loads:
+
+1. :func:`build_plan` finds the block stack and its prunable layers
+   (:mod:`obs_compress.model.blocks`) and resolves the recipe per layer; every check that
+   can fail (targets that match nothing, an N:M that does not divide a width) fails here,
+   before any weight changes.
+2. :func:`prune_blocks` captures block 0's inputs (:mod:`obs_compress.model.capture`), then
+   for each block: onload it to the compute device, let forward hooks feed every target
+   layer's Hessian accumulator, prune each layer with
+   :func:`obs_compress.algorithms.prune_weight`, run the block again with the pruned
+   weights to produce the next block's inputs, offload it, and yield a
+   :class:`BlockResult`. With ``sequential`` the layers of a block are pruned in groups, in
+   the order the forward reaches them (layers fed the same tensor form one group: q/k/v,
+   then o_proj, then gate/up, then down_proj in a Llama block), each group's Hessians taken
+   from inputs recomputed with the earlier groups already pruned. Layers fed the same tensor
+   share one Hessian accumulator either way.
+3. :func:`summarize` turns the per-block results into a :class:`PruneReport`.
+
+Shapes: calibration ``input_ids: (n_samples, seq_len)``; a layer's ``W: (d_out, d_in)``,
+its inputs ``X: (n_tokens, d_in)`` and ``H = 2 X^T X / n: (d_in, d_in)``.
+
+Statistics per layer: the predicted increase of ``E = ||(W' - W) X^T||^2 / n`` (the sum of
+``PruneResult.loss``) and the measured one, ``sum over rows of dW H dW^T / 2`` with the
+undamped ``H`` of the inputs the layer saw (the two differ by the dampening).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .algorithms import prune_weight
+from .errors import InvalidArgument, NonFiniteError, ObsCompressError, RecipeError
+from .math.hessian import Curvature, HessianAccumulator, RecursiveInverseAccumulator
+from .math.masks import check_pattern_fits, parse_pattern
+from .model.blocks import BlockStack, PrunableLayer, find_block_stack, find_layers
+from .model.capture import BlockCall, capture_block_inputs
+from .model.hooks import accumulate_inputs, input_hooks, on_device
+from .recipe import PruneSettings, Recipe, load_recipe
+
+logger = logging.getLogger(__name__)
+
+# Test-only: seconds to sleep after each block, so a test can interrupt a run mid-way.
+TEST_BLOCK_DELAY_ENV = "OBS_COMPRESS_TEST_BLOCK_DELAY"
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: PrunableLayer
+    settings: PruneSettings
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    index: int
+    name: str
+    module: nn.Module
+    layers: tuple[LayerPlan, ...]
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Which layers of which blocks are pruned, and how."""
+
+    stack: BlockStack
+    blocks: tuple[BlockPlan, ...]
+    recipe: Recipe
+
+    @property
+    def layers(self) -> list[LayerPlan]:
+        return [layer for block in self.blocks for layer in block.layers]
+
+
+def build_plan(model: nn.Module, recipe: Recipe | Any) -> PrunePlan:
+    """Resolve ``recipe`` against ``model``; raises before anything is modified.
+
+    Candidates are the prunable layers inside the block stack (so never ``lm_head``,
+    embeddings or norms); ``targets``/``ignore`` select among them; overrides apply in order.
+    """
+    recipe = load_recipe(recipe)
+    stack = find_block_stack(model)
+    candidates = [(index, layer) for index, block in enumerate(stack.modules)
+                  for layer in find_layers(block, stack.block_name(index))]
+    chosen = [(index, layer) for index, layer in candidates if recipe.is_target(layer.name)]
+    if not chosen:
+        examples = ", ".join(layer.name for _, layer in candidates[:6])
+        raise RecipeError(
+            f"recipe targets {list(recipe.targets)} (ignore {list(recipe.ignore)}) match no "
+            f"prunable layer inside {stack.name}; its layers are named like: {examples}")
+    for position, override in enumerate(recipe.overrides):
+        if not any(re.search(p, layer.name) for _, layer in chosen for p in override.targets):
+            raise RecipeError(
+                f"recipe field overrides[{position}].targets {list(override.targets)} matches "
+                f"no target layer; target layers are named like: "
+                f"{', '.join(layer.name for _, layer in chosen[:6])}")
+    blocks = []
+    for index, block in enumerate(stack.modules):
+        layers = []
+        for block_index, layer in chosen:
+            if block_index != index:
+                continue
+            settings = recipe.settings_for(layer.name)
+            try:
+                check_pattern_fits(parse_pattern(settings.pattern), layer.d_in, layer.name)
+            except InvalidArgument as exc:
+                raise RecipeError(f"recipe pattern {settings.pattern}: {exc}") from None
+            layers.append(LayerPlan(layer=layer, settings=settings))
+        blocks.append(BlockPlan(index=index, name=stack.block_name(index), module=block,
+                                layers=tuple(layers)))
+    return PrunePlan(stack=stack, blocks=tuple(blocks), recipe=recipe)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class LayerStats:
+    """What happened to one layer."""
+
+    name: str
+    block: int
+    shape: tuple[int, int]  # (d_out, d_in)
+    method: str
+    pattern: str
+    target_sparsity: float
+    sparsity: float  # fraction pruned (mask), measured
+    n_pruned: int
+    predicted_loss: float  # sum of PruneResult.loss
+    reconstruction_loss: float  # sum over rows of dW H dW^T / 2, undamped H
+    n_tokens: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        return data
+
+
+@dataclass
+class BlockResult:
+    """One pruned block, yielded as soon as it is done (its weights already pruned in place)."""
+
+    index: int
+    name: str
+    module: nn.Module
+    layers: list[LayerStats]
+    seconds: float
+
+
+@dataclass
+class PruneReport:
+    """The summary of a run: per-layer statistics plus totals."""
+
+    layers: list[LayerStats]
+    n_blocks: int
+    n_samples: int
+    seq_len: int
+    seconds: float
+    recipe: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+
+    @property
+    def pruned(self) -> int:
+        return sum(s.n_pruned for s in self.layers)
+
+    @property
+    def total(self) -> int:
+        return sum(s.shape[0] * s.shape[1] for s in self.layers)
+
+    @property
+    def global_sparsity(self) -> float:
+        """Pruned fraction over all target layers together."""
+        return self.pruned / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "global_sparsity": self.global_sparsity,
+            "pruned_weights": self.pruned,
+            "target_weights": self.total,
+            "n_blocks": self.n_blocks,
+            "n_layers": len(self.layers),
+            "n_samples": self.n_samples,
+            "seq_len": self.seq_len,
+            "seconds": self.seconds,
+            "recipe": self.recipe,
+            "layers": [s.to_dict() for s in self.layers],
+        }
+
+    def table(self) -> str:
+        """The per-layer summary as an aligned text table."""
+        width = max([len("layer")] + [len(s.name) for s in self.layers])
+        header = (f"{'layer':<{width}}  {'shape':>11}  {'pattern':>12}  {'sparsity':>8}  "
+                  f"{'predicted':>10}  {'measured':>10}  {'seconds':>7}")
+        lines = [header, "-" * len(header)]
+        for s in self.layers:
+            shape = f"{s.shape[0]}x{s.shape[1]}"
+            lines.append(f"{s.name:<{width}}  {shape:>11}  {s.pattern:>12}  {s.sparsity:>8.4f}  "
+                         f"{s.predicted_loss:>10.4g}  {s.reconstruction_loss:>10.4g}  "
+                         f"{s.seconds:>7.2f}")
+        lines.append("-" * len(header))
+        lines.append(f"{len(self.layers)} layers in {self.n_blocks} blocks: global sparsity "
+                     f"{self.global_sparsity:.4f} ({self.pruned:,} of {self.total:,} weights), "
+                     f"{self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def summarize(results: Sequence[BlockResult], *, n_samples: int, seq_len: int, seconds: float,
+              recipe: Recipe | None = None, model: str = "") -> PruneReport:
+    return PruneReport(layers=[s for r in results for s in r.layers], n_blocks=len(results),
+                       n_samples=n_samples, seq_len=seq_len, seconds=seconds,
+                       recipe=recipe.to_dict() if recipe is not None else {}, model=model)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def reconstruction_loss(delta: torch.Tensor, curvature: Curvature) -> float:
+    """``sum over rows of dW H dW^T / 2`` = ``||dW X^T||^2 / n`` for ``delta = dW: (d_out, d_in)``.
+
+    The recursive accumulator keeps only ``(H + lambda I)^-1``; ``H`` is recovered by
+    inverting it and removing the dampening.
+    """
+    if curvature.hessian is not None:
+        hessian = curvature.hessian
+    else:
+        inverse = curvature.hessian_inverse.to(torch.float64)
+        hessian = torch.linalg.inv(inverse)
+        hessian.diagonal().sub_(curvature.dampening)
+    delta = delta.to(device=hessian.device, dtype=hessian.dtype)
+    return 0.5 * ((delta @ hessian) * delta).sum().item()
+
+
+def _accumulator(layer: PrunableLayer, settings: PruneSettings, expected_tokens: int,
+                 device: torch.device | None):
+    if settings.inverse == "recursive" and settings.method != "magnitude":
+        return RecursiveInverseAccumulator(layer.d_in, dampening_frac=settings.dampening_frac,
+                                           expected_tokens=expected_tokens, device=device,
+                                           name=layer.name)
+    return HessianAccumulator(layer.d_in, device=device, name=layer.name)
+
+
+def _named(error: ObsCompressError, name: str) -> ObsCompressError:
+    """The same error with the layer named, when its message does not name it yet."""
+    if name in str(error):
+        return error
+    try:
+        return type(error)(f"layer {name}: {error}")
+    except TypeError:
+        return error
+
+
+def _prune_layer(plan: LayerPlan, curvature: Curvature, block_index: int,
+                 extra_seconds: float = 0.0) -> LayerStats:
+    layer, settings = plan.layer, plan.settings
+    # Contiguous: a Conv1D weight arrives as a transposed view, and solvers may .view() it.
+    weight = layer.weight_matrix().contiguous()
+    if not torch.isfinite(weight).all():
+        raise NonFiniteError(f"layer {layer.name}: the weight holds NaN or infinity before "
+                             "pruning; the checkpoint is broken, refusing to prune it")
+    curvature = replace(curvature, name=layer.name)  # errors name this layer
+    start = time.perf_counter()
+    try:
+        result = prune_weight(weight, curvature, **settings.prune_kwargs())
+    except ObsCompressError as exc:
+        raise _named(exc, layer.name) from exc
+    seconds = time.perf_counter() - start + extra_seconds
+    if not torch.isfinite(result.weight).all():
+        raise NonFiniteError(f"layer {layer.name}: pruning produced NaN or infinity; raise "
+                             f"dampening_frac (now {settings.dampening_frac}) or give more "
+                             "calibration samples")
+    measured = reconstruction_loss(result.weight - weight, curvature)
+    layer.set_weight_(result.weight)
+    return LayerStats(name=layer.name, block=block_index, shape=layer.shape,
+                      method=settings.method, pattern=settings.pattern,
+                      target_sparsity=settings.sparsity,
+                      sparsity=result.mask.float().mean().item(),
+                      n_pruned=int(result.mask.sum().item()),
+                      predicted_loss=result.loss.sum().item(), reconstruction_loss=measured,
+                      n_tokens=curvature.n_tokens, seconds=seconds)
+
+
+@dataclass
+class _Feed:
+    """One accumulator, fed by one layer's hook, serving every layer that sees the same
+    inputs and needs the same kind of curvature (q/k/v, or gate/up, share one Hessian)."""
+
+    accumulator: Any
+    module: nn.Module
+    layers: list[LayerPlan] = field(default_factory=list)
+
+
+def _accumulator_key(settings: PruneSettings) -> tuple:
+    if settings.inverse == "recursive" and settings.method != "magnitude":
+        return ("recursive", settings.dampening_frac)
+    return ("cholesky",)
+
+
+def _feeds(input_groups: Sequence[Sequence[LayerPlan]], expected_tokens: int,
+           device: torch.device | None) -> list[_Feed]:
+    feeds: list[_Feed] = []
+    for group in input_groups:
+        by_key: dict[tuple, _Feed] = {}
+        for plan in group:
+            key = _accumulator_key(plan.settings)
+            if key not in by_key:
+                by_key[key] = _Feed(_accumulator(plan.layer, plan.settings, expected_tokens,
+                                                 device), plan.layer.module)
+                feeds.append(by_key[key])
+            by_key[key].layers.append(plan)
+    return feeds
+
+
+def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence[BlockCall], *,
+                        sequential: bool, expected_tokens: int,
+                        device: torch.device | None) -> list[LayerStats]:
+    """Accumulate, then prune every target layer of one block (in groups if ``sequential``)."""
+    input_groups = _execution_groups(block, block_plan.layers, calls[0])
+    passes = [[group] for group in input_groups] if sequential else [input_groups]
+    stats: list[LayerStats] = []
+    for groups in passes:
+        feeds = _feeds(groups, expected_tokens, device)
+        modules = {feed.layers[0].layer.name: feed.module for feed in feeds}
+        accumulators = {feed.layers[0].layer.name: feed.accumulator for feed in feeds}
+        with accumulate_inputs(modules, accumulators):
+            for call in calls:
+                call(block)
+        for feed in feeds:
+            start = time.perf_counter()
+            try:
+                curvature = feed.accumulator.finalize()
+            except ObsCompressError as exc:
+                raise _named(exc, feed.layers[0].layer.name) from exc
+            finalize_seconds = time.perf_counter() - start
+            for position, plan in enumerate(feed.layers):
+                stats.append(_prune_layer(plan, curvature, block_plan.index,
+                                          finalize_seconds if position == 0 else 0.0))
+        del feeds, accumulators
+    return stats
+
+
+def _execution_groups(block: nn.Module, layers: Sequence[LayerPlan],
+                      call: BlockCall) -> list[list[LayerPlan]]:
+    """``layers`` grouped by the tensor they are fed, in the order the forward reaches them."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    modules = {plan.layer.name: plan.layer.module for plan in layers}
+    with input_hooks(modules, lambda name, inputs: seen.append((name, inputs))):
+        call(block)
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    placed: set[str] = set()
+    for name, inputs in seen:
+        if name in placed:
+            continue
+        placed.add(name)
+        for tensor, names in groups:
+            if tensor is inputs:
+                names.append(name)
+                break
+        else:
+            groups.append((inputs, [name]))
+    by_name = {plan.layer.name: plan for plan in layers}
+    ordered = [[by_name[name] for name in names] for _, names in groups]
+    never_called = [plan for plan in layers if plan.layer.name not in placed]
+    if never_called:  # their accumulators will see no tokens and say so, naming them
+        ordered.append(never_called)
+    return ordered
+
+
+def _check_finite_outputs(hidden: torch.Tensor, block_name: str) -> None:
+    if not torch.isfinite(hidden).all():
+        raise NonFiniteError(f"block {block_name}: its outputs hold NaN or infinity after "
+                             "pruning; check the model's dtype (fp16 overflow) and raise "
+                             "dampening_frac")
+
+
+def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise InvalidArgument("calibration input_ids must be an integer tensor (n_samples, "
+                              f"seq_len), got {tuple(input_ids.shape)} {input_ids.dtype}")
+    if batch_size < 1:
+        raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
+    return list(input_ids.split(batch_size))
+
+
+def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor, *,
+                 device: torch.device | str | None = None, batch_size: int = 8,
+                 sequential: bool | None = None, progress: bool = True) -> Iterator[BlockResult]:
+    """Prune ``model`` in place, block by block, yielding each :class:`BlockResult` when done.
+
+    ``input_ids: (n_samples, seq_len)`` calibration tokens. ``device``: where each block
+    runs (None: where the model is); only the block being worked on is moved there.
+    ``sequential``: None takes the recipe's. The model is in eval mode meanwhile and gets
+    its training flag back at the end; every hook is removed, even on error.
+    """
+    sequential = plan.recipe.sequential if sequential is None else sequential
+    device = torch.device(device) if device is not None else None
+    batches = _batches(input_ids, batch_size)
+    expected_tokens = input_ids.numel()
+    delay = float(os.environ.get(TEST_BLOCK_DELAY_ENV, "0") or 0)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(plan.blocks), desc="pruning", unit="block", disable=not progress)
+    try:
+        with torch.no_grad():
+            calls = capture_block_inputs(model, plan.stack, batches, device=device)
+            for block_plan in plan.blocks:
+                start = time.perf_counter()
+                with on_device(block_plan.module, device) as block:
+                    stats = (_prune_block_layers(block, block_plan, calls,
+                                                 sequential=sequential,
+                                                 expected_tokens=expected_tokens, device=device)
+                             if block_plan.layers else [])
+                    for call in calls:
+                        call.hidden_states = call(block)
+                        _check_finite_outputs(call.hidden_states, block_plan.name)
+                seconds = time.perf_counter() - start
+                result = BlockResult(index=block_plan.index, name=block_plan.name,
+                                     module=block_plan.module, layers=stats, seconds=seconds)
+                _log_block(result, len(plan.blocks))
+                bar.update(1)
+                if stats:
+                    bar.set_postfix(loss=f"{sum(s.predicted_loss for s in stats):.3g}")
+                if delay:
+                    time.sleep(delay)
+                yield result
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def _log_block(result: BlockResult, n_blocks: int) -> None:
+    if result.layers:
+        size = sum(s.shape[0] * s.shape[1] for s in result.layers)
+        pruned = sum(s.n_pruned for s in result.layers)
+        logger.info("block %d/%d %s: %d layers, sparsity %.4f, predicted loss %.4g, "
+                    "measured %.4g, %.1f s", result.index + 1, n_blocks, result.name,
+                    len(result.layers), pruned / size,
+                    sum(s.predicted_loss for s in result.layers),
+                    sum(s.reconstruction_loss for s in result.layers), result.seconds)
+    else:
+        logger.info("block %d/%d %s: no target layers, %.1f s", result.index + 1, n_blocks,
+                    result.name, result.seconds)
+
+
+def prune_model(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor, *,
+                device: torch.device | str | None = None, batch_size: int = 8,
+                sequential: bool | None = None, progress: bool = True,
+                model_name: str = "") -> PruneReport:
+    """Run :func:`prune_blocks` to the end and summarize it."""
+    start = time.perf_counter()
+    results = list(prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
+                                sequential=sequential, progress=progress))
+    return summarize(results, n_samples=input_ids.shape[0], seq_len=input_ids.shape[1],
+                     seconds=time.perf_counter() - start, recipe=plan.recipe, model=model_name)
+
+
+__all__ = ["BlockPlan", "BlockResult", "LayerPlan", "LayerStats", "PrunePlan", "PruneReport",
+           "build_plan", "prune_blocks", "prune_model", "reconstruction_loss", "summarize"]

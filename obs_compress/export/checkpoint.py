@@ -1,0 +1,348 @@
+"""Write a pruned model as a Hugging Face folder that stock ``transformers`` loads unchanged.
+
+The folder holds safetensors shards (:mod:`.safetensors_writer`), ``config.json`` with a
+``sparsity`` section (method, pattern, global sparsity, targets), the generation config, the
+tokenizer files copied from the source, the recipe used (``recipe.yaml``) and the run's
+report (``obs_compress_report.json``).
+
+Atomic: everything is written into a hidden sibling folder
+``.<out>.partial-<pid>-<random>`` that is renamed to ``out`` only when complete; on any error
+(or Ctrl-C) it is removed. A run killed outright can leave such a folder behind; it is
+clearly named, never mistaken for a checkpoint, and removed by the next save into the same
+parent once its process is gone. An existing non-empty ``out`` is refused unless
+``overwrite``, and ``out`` may never be, contain or sit inside the source folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import InvalidArgument, OutputExistsError, UnsupportedModel
+from ..model.blocks import find_block_stack, find_layers
+from .safetensors_writer import ShardedSafetensorsWriter
+
+logger = logging.getLogger(__name__)
+
+RECIPE_NAME = "recipe.yaml"
+REPORT_NAME = "obs_compress_report.json"
+CONFIG_NAME = "config.json"
+SPARSITY_KEY = "sparsity"
+PARTIAL_INFIX = ".partial-"
+
+# Tokenizer files as transformers writes them (plus the sentencepiece/tiktoken variants).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "chat_template.json", "chat_template.jinja", "*.tiktoken")
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("obs-compress")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def _inside(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def check_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                     source: str | os.PathLike | None = None) -> Path:
+    """Refuse an output folder that cannot be written; returns it resolved.
+
+    Call it before a long run, so that a refusal comes before the work.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if source is not None:
+        source_path = Path(source).expanduser()
+        if source_path.exists():
+            source_path = source_path.resolve()
+            if _inside(out, source_path) or _inside(source_path, out):
+                raise InvalidArgument(
+                    f"output folder {out} would overlap the source model folder {source_path}; "
+                    "the source is never modified, choose an --out outside it")
+    if out.exists():
+        if not out.is_dir():
+            raise OutputExistsError(f"output {out} exists and is a file; choose another --out")
+        if any(out.iterdir()) and not overwrite:
+            raise OutputExistsError(
+                f"output folder {out} exists and is not empty; pass --overwrite "
+                "(overwrite=True) to replace it, or choose another --out")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Remove ``.<out>.partial-<pid>-*`` folders left by runs that were killed."""
+    if not out.parent.is_dir():
+        return
+    prefix = f".{out.name}{PARTIAL_INFIX}"
+    for entry in out.parent.iterdir():
+        if not entry.name.startswith(prefix) or not entry.is_dir():
+            continue
+        pid_text = entry.name[len(prefix):].split("-", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            logger.info("removing %s, left by an interrupted run", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                      source: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary folder; on success it becomes ``out_dir``, on error it is removed."""
+    out = check_output_dir(out_dir, overwrite=overwrite, source=source)
+    created = [p for p in reversed(out.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    partial = out.parent / f".{out.name}{PARTIAL_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    committed = False
+    try:
+        yield partial
+        # Checked again: something may have appeared in ``out`` during a long run.
+        check_output_dir(out, overwrite=overwrite, source=source)
+        if out.exists():
+            aside = out.parent / f".{out.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            out.rename(aside)
+            partial.rename(out)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            partial.rename(out)
+        committed = True
+    finally:
+        if not committed:
+            shutil.rmtree(partial, ignore_errors=True)
+            for parent in reversed(created):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+
+
+# --------------------------------------------------------------------------- contents
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``save_pretrained`` would write, under the names it would write them.
+
+    ``model.state_dict()`` minus ``_keys_to_ignore_on_save``, minus tied duplicates (e.g.
+    ``lm_head.weight`` tied to the embeddings), with transformers' loading-time renames
+    reverted, using transformers' own helpers where it has them.
+    """
+    state = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:  # older transformers: drop later names of a shared storage
+        seen: set[tuple[int, int]] = set()
+        for key in list(state):
+            tensor = state[key]
+            identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+            if identity in seen:
+                del state[key]
+            seen.add(identity)
+    else:
+        state = remove_tied_weights_from_state_dict(state, model)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        pass
+    else:
+        state = revert_weight_conversion(model, state)
+    return dict(state)
+
+
+def model_sparsity(model: nn.Module) -> tuple[float, list[str]]:
+    """Global fraction of zeros over the prunable layers inside the block stack, and the
+    names of those holding any zero (used when no report is given)."""
+    stack = find_block_stack(model)
+    zeros = total = 0
+    names = []
+    for index, block in enumerate(stack.modules):
+        for layer in find_layers(block, stack.block_name(index)):
+            count = int((layer.module.weight == 0).sum())
+            zeros += count
+            total += layer.module.weight.numel()
+            if count:
+                names.append(layer.name)
+    return (zeros / total if total else 0.0), names
+
+
+def sparsity_section(model: nn.Module, *, recipe: Any = None, report: Any = None) -> dict:
+    """The ``sparsity`` section of ``config.json``."""
+    recipe_dict = recipe.to_dict() if hasattr(recipe, "to_dict") else (recipe or {})
+    if report is not None:
+        layers = report.layers
+        global_sparsity = report.global_sparsity
+        targets = [layer.name for layer in layers]
+        patterns: dict[str, int] = {}
+        for layer in layers:
+            patterns[layer.pattern] = patterns.get(layer.pattern, 0) + 1
+        methods = sorted({layer.method for layer in layers})
+    else:
+        global_sparsity, targets = model_sparsity(model)
+        patterns, methods = {}, []
+    return {
+        "format": "dense",  # zeros stored in place: any loader reads it as an ordinary model
+        "tool": f"obs_compress {_tool_version()}",
+        "method": recipe_dict.get("method", methods[0] if len(methods) == 1 else None),
+        "pattern": recipe_dict.get("pattern"),
+        "sparsity": recipe_dict.get("sparsity"),
+        "global_sparsity": global_sparsity,
+        "patterns": patterns,  # pattern -> number of layers (differs with overrides)
+        "overrides": recipe_dict.get("overrides", []),
+        "targets": targets,
+    }
+
+
+def _quant_method(quantization: Any) -> str | None:
+    if quantization is None:
+        return None
+    method = (quantization.get("quant_method") if isinstance(quantization, Mapping)
+              else getattr(quantization, "quant_method", None))
+    method = getattr(method, "value", method)
+    return str(method).lower() if method is not None else None
+
+
+def _saved_config(model: nn.Module):
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        config.dtype = str(dtype).split(".")[1]
+    quantizer = getattr(model, "hf_quantizer", None)
+    quantization = getattr(config, "quantization_config", None)
+    if quantizer is not None or quantization is not None:
+        method = _quant_method(quantization) or _quant_method(
+            getattr(quantizer, "quantization_config", None))
+        if method != "gguf":
+            raise UnsupportedModel(f"model is quantized ({method}); load it in full precision "
+                                   "to prune and save it")
+        # GGUF weights are dequantized on load: the tensors written here are plain.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    return config
+
+
+def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
+    """Copy the tokenizer files of ``source`` into ``destination``; returns their names."""
+    copied = []
+    for pattern in TOKENIZER_FILES:
+        for path in sorted(source.glob(pattern)):
+            if path.is_file() and not (destination / path.name).exists():
+                shutil.copy2(path, destination / path.name)
+                copied.append(path.name)
+    return copied
+
+
+def write_folder_contents(folder: Path, model: nn.Module, *, tokenizer: Any = None,
+                          source: str | os.PathLike | None = None, recipe: Any = None,
+                          report: Any = None, max_shard_size: int | str = "2GB") -> None:
+    """Write weights, config, tokenizer, recipe and report into ``folder`` (no atomicity)."""
+    writer = ShardedSafetensorsWriter(folder, max_shard_size=max_shard_size)
+    writer.add_tensors(checkpoint_tensors(model))
+    writer.close()
+
+    config = _saved_config(model)
+    config.save_pretrained(folder)
+    config_path = folder / CONFIG_NAME
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    data[SPARSITY_KEY] = sparsity_section(model, recipe=recipe, report=report)
+    config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    can_generate = getattr(model, "can_generate", None)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and callable(can_generate) and can_generate():
+        generation_config.save_pretrained(folder)
+    is_remote_code = getattr(model, "is_remote_code", None)
+    if callable(is_remote_code) and is_remote_code():
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, folder, config=config)
+
+    source_folder = Path(source).expanduser() if source is not None else None
+    copied = []
+    if source_folder is not None and source_folder.is_dir():
+        copied = copy_tokenizer_files(source_folder, folder)
+    if not copied and tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+    if recipe is not None:
+        text = recipe.to_yaml() if hasattr(recipe, "to_yaml") else json.dumps(recipe, indent=2)
+        (folder / RECIPE_NAME).write_text(
+            "# The recipe this checkpoint was pruned with (obs_compress).\n" + text,
+            encoding="utf-8")
+    if report is not None:
+        data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+        (folder / REPORT_NAME).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None,
+                    source: str | os.PathLike | None = None, recipe: Any = None,
+                    report: Any = None, overwrite: bool = False,
+                    max_shard_size: int | str = "2GB") -> Path:
+    """Write ``model`` to ``out_dir`` atomically (see the module docstring); returns the folder.
+
+    ``source``: the folder the model was loaded from; its tokenizer files are copied and it
+    is protected from being overwritten. ``tokenizer`` is saved when the source has no
+    tokenizer files. ``recipe``/``report``: stored beside the weights and summarised in
+    ``config.json``'s ``sparsity`` section.
+    """
+    with atomic_output_dir(out_dir, overwrite=overwrite, source=source) as partial:
+        write_folder_contents(partial, model, tokenizer=tokenizer, source=source, recipe=recipe,
+                              report=report, max_shard_size=max_shard_size)
+    out = Path(out_dir).expanduser().resolve()
+    logger.info("wrote %s", out)
+    return out
+
+
+def load_pretrained(folder: str | os.PathLike, *, allow_pickle: bool = False,
+                    trust_remote_code: bool = False, dtype: Any = None):
+    """Load a folder written by :func:`save_pretrained` (or any checkpoint) back.
+
+    Returns a :class:`~obs_compress.model.loading.LoadedModel` (model and tokenizer).
+    """
+    from ..model.loading import load_model
+
+    return load_model(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                      dtype=dtype)
+
+
+def read_sparsity_section(folder: str | os.PathLike) -> Mapping[str, Any] | None:
+    config = Path(folder) / CONFIG_NAME
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text(encoding="utf-8")).get(SPARSITY_KEY)
+
+
+__all__ = ["RECIPE_NAME", "REPORT_NAME", "atomic_output_dir", "check_output_dir",
+           "checkpoint_tensors", "copy_tokenizer_files", "load_pretrained",
+           "read_sparsity_section", "remove_stale_partials", "save_pretrained",
+           "sparsity_section", "write_folder_contents"]

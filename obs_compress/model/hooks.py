@@ -1,0 +1,114 @@
+"""Forward hooks that see each layer's inputs, and onload/offload of one module at a time.
+
+Every hook is registered inside a context manager and removed on exit, on error too (the
+attach/detach symmetry of accelerate's hooks): after any call here the model's
+``_forward_hooks`` and ``_forward_pre_hooks`` are as they were.
+
+Shapes: a layer's input ``X: (..., d_in)`` is handed on as it comes; accumulators flatten it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, Protocol
+
+import torch
+from torch import nn
+
+
+
+class InputAccumulator(Protocol):
+    def add_batch(self, inputs: torch.Tensor) -> None: ...
+
+
+@contextmanager
+def input_hooks(modules: Mapping[str, nn.Module],
+                callback: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While active, ``callback(name, X)`` runs with each module's first input on every call."""
+    handles = []
+    try:
+        for name, module in modules.items():
+            def hook(_module, args, kwargs, _output, name=name):
+                # Linear/Conv1D take one input, positional in every transformers model.
+                callback(name, args[0] if args else next(iter(kwargs.values())))
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def accumulate_inputs(modules: Mapping[str, nn.Module],
+                      accumulators: Mapping[str, InputAccumulator]) -> Iterator[None]:
+    """While active, every call of ``modules[name]`` feeds its input to ``accumulators[name]``."""
+    def feed(name: str, inputs: torch.Tensor) -> None:
+        accumulators[name].add_batch(inputs.detach())
+
+    with input_hooks(modules, feed):
+        yield
+
+
+def _own_device(module: nn.Module) -> torch.device | None:
+    """Where ``module``'s own parameters and buffers live (None when it has none)."""
+    for tensor in module.parameters(recurse=False):
+        return tensor.device
+    for tensor in module.buffers(recurse=False):
+        return tensor.device
+    return None
+
+
+def _move_own_tensors_(module: nn.Module, device: torch.device) -> None:
+    """Move ``module``'s own parameters and buffers (not its children's) to ``device``,
+    keeping every ``Parameter`` object, so tied weights stay tied."""
+    for param in module.parameters(recurse=False):
+        if param.device != device:
+            param.data = param.data.to(device)
+    for key, buffer in module._buffers.items():
+        if buffer is not None and buffer.device != device:
+            module._buffers[key] = buffer.to(device)
+
+
+@contextmanager
+def on_device(module: nn.Module, device: torch.device | str | None) -> Iterator[nn.Module]:
+    """Onload ``module`` to ``device`` for the duration, then put it back where it was.
+
+    A no-op when it is already there (a model that fits on the device stays there).
+    """
+    if device is None:
+        yield module
+        return
+    device = torch.device(device)
+    home = {sub: _own_device(sub) for sub in module.modules() if _own_device(sub) is not None}
+    try:
+        for sub in home:
+            _move_own_tensors_(sub, device)
+        yield module
+    finally:
+        for sub, where in home.items():
+            _move_own_tensors_(sub, where)
+
+
+@contextmanager
+def outside_on_device(model: nn.Module, excluded: nn.Module,
+                      device: torch.device | str | None) -> Iterator[None]:
+    """Onload every module of ``model`` outside ``excluded`` (the block stack): embeddings,
+    rotary tables, final norms and heads, which the capture forward runs through."""
+    if device is None:
+        yield
+        return
+    device = torch.device(device)
+    inside = {id(m) for m in excluded.modules()}
+    home = {sub: _own_device(sub) for sub in model.modules()
+            if id(sub) not in inside and _own_device(sub) is not None}
+    try:
+        for sub in home:
+            _move_own_tensors_(sub, device)
+        yield
+    finally:
+        for sub, where in home.items():
+            _move_own_tensors_(sub, where)
+
+
+__all__ = ["InputAccumulator", "accumulate_inputs", "input_hooks", "on_device",
+           "outside_on_device"]

@@ -1,0 +1,198 @@
+"""The command line: a full run, clear refusals that leave no output, and interrupted runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from _tiny_models import folder_digest, save_tiny, tiny_model, write_text_file
+from obs_compress.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
+from obs_compress.driver import TEST_BLOCK_DELAY_ENV
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+SMALL = ["--set", "calibration.n_samples=4", "--set", "calibration.seq_len=48", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    source = save_tiny(tmp_path / "source", "llama", layers=2)
+    calibration = write_text_file(tmp_path / "cal.jsonl")
+    return tmp_path, source, calibration
+
+
+def prune_args(source, out, calibration, recipe="magnitude-50.yaml", *extra):
+    return ["prune", "--model", str(source), "--recipe", os.path.join(RECIPES, recipe),
+            "--out", str(out), "--dataset", str(calibration), *SMALL, *extra]
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("prune", "eval", "inspect", "examples:"):
+        assert word in text
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    for word in ("--model", "--recipe", "--out", "--dataset", "--device", "--overwrite",
+                 "--allow-pickle", "--trust-remote-code", "--set", "FIELD=VALUE", "self"):
+        assert word in text
+
+
+def test_prune_then_inspect_then_eval(workspace, capsys):
+    from transformers import AutoModelForCausalLM
+
+    tmp_path, source, calibration = workspace
+    before = folder_digest(source)
+    out = tmp_path / "out"
+    assert main(prune_args(source, out, calibration, "obs-2of4.yaml",
+                           "--set", "method=magnitude")) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in printed and "global sparsity 0.5000" in printed
+    assert folder_digest(source) == before
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.model.layers[0].mlp.up_proj.weight == 0).float().mean() == 0.5
+    assert json.loads((out / "config.json").read_text())["sparsity"]["pattern"] == "2:4"
+
+    assert main(["inspect", str(out)]) == 0
+    assert "2:4 holds in 14 of them" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["global_sparsity"] == 0.5
+
+    text = tmp_path / "eval.txt"
+    text.write_text("the model prunes weights with second order curvature " * 40)
+    assert main(["eval", "--model", str(out), "--dataset", str(text), "--windows", "2",
+                 "--window", "64", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)[str(text)]
+    assert result["n_tokens"] == 2 * 63 and result["perplexity"] > 1
+
+
+@pytest.mark.parametrize("case, words", [
+    ("typo", ["unknown recipe field 'sparsty'", "allowed fields"]),
+    ("sparsity", ["'sparsity'", "1.5"]),
+    ("unknown-set", ["unknown recipe field 'spars'"]),
+    ("nm-width", ["1:3", "d_in=64", "model.layers.0.self_attn.q_proj"]),
+    ("missing-model", ["no such folder", "does-not-exist"]),
+    ("missing-data", ["no-such.jsonl"]),
+    ("pickle", ["--allow-pickle"]),
+])
+def test_errors_are_clear_and_leave_no_output(workspace, capsys, case, words):
+    tmp_path, source, calibration = workspace
+    before = folder_digest(source)
+    out = tmp_path / "out"
+    args = prune_args(source, out, calibration)
+    if case == "typo":
+        recipe = tmp_path / "typo.yaml"
+        recipe.write_text("sparsty: 0.5\n")
+        args[args.index("--recipe") + 1] = str(recipe)
+    elif case == "sparsity":
+        args += ["--set", "sparsity=1.5"]
+    elif case == "unknown-set":
+        args += ["--set", "spars=0.5"]
+    elif case == "nm-width":
+        args += ["--set", "pattern=1:3"]
+    elif case == "missing-model":
+        args[args.index("--model") + 1] = str(tmp_path / "does-not-exist")
+    elif case == "missing-data":
+        args[args.index("--dataset") + 1] = str(tmp_path / "no-such.jsonl")
+    elif case == "pickle":
+        pickled = tmp_path / "pickled"
+        model = tiny_model("llama")
+        model.config.save_pretrained(pickled)
+        torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+        args[args.index("--model") + 1] = str(pickled)
+    assert main(args) == EXIT_ERROR
+    error = capsys.readouterr().err
+    assert error.splitlines()[-1].startswith("error: ")
+    for word in words:
+        assert word in error, error
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert folder_digest(source) == before
+
+
+def test_existing_output_is_refused_before_the_work(workspace, capsys):
+    tmp_path, source, calibration = workspace
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    started = time.perf_counter()
+    assert main(prune_args(source, out, calibration)) == EXIT_ERROR
+    assert "--overwrite" in capsys.readouterr().err
+    assert time.perf_counter() - started < 5  # refused before loading or calibrating
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert main(prune_args(source, out, calibration, "magnitude-50.yaml", "--overwrite")) == 0
+    assert (out / "config.json").exists() and not (out / "precious.txt").exists()
+
+
+def test_out_inside_the_source_is_refused(workspace, capsys):
+    tmp_path, source, calibration = workspace
+    before = folder_digest(source)
+    assert main(prune_args(source, source, calibration, "magnitude-50.yaml",
+                           "--overwrite")) == EXIT_ERROR
+    assert "overlap the source" in capsys.readouterr().err
+    assert folder_digest(source) == before
+
+
+def test_allow_pickle_loads_bin_weights(workspace):
+    tmp_path, source, calibration = workspace
+    pickled = tmp_path / "pickled"
+    model = tiny_model("llama")
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    (pickled / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+    (pickled / "tokenizer_config.json").write_bytes((source / "tokenizer_config.json").read_bytes())
+    assert main(prune_args(pickled, tmp_path / "out", calibration, "magnitude-50.yaml",
+                           "--allow-pickle")) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_run_leaves_source_untouched_and_no_output(tmp_path, sig):
+    source = save_tiny(tmp_path / "source", "llama", layers=3)
+    calibration = write_text_file(tmp_path / "cal.jsonl")
+    before = folder_digest(source)
+    out = tmp_path / "out"
+    env = {**os.environ, TEST_BLOCK_DELAY_ENV: "120", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "obs_compress.cli",
+               *prune_args(source, out, calibration)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 120
+        seen = []
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            seen.append(line)
+            if "block 1/3" in line or not line:
+                break
+        assert "block 1/3" in seen[-1], "".join(seen)
+        process.send_signal(sig)
+        _, error = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if sig == signal.SIGTERM:
+        assert process.returncode == EXIT_INTERRUPTED and "interrupted" in error
+    else:
+        assert process.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.jsonl", "source"]
+    assert folder_digest(source) == before

@@ -1,0 +1,281 @@
+"""The layer loop end to end on tiny Llama, GPT-2 (Conv1D), BERT, and on all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tiny_models import hook_snapshot, minilm_folder, no_hooks, tiny_model
+from obs_compress.api import oneshot
+from obs_compress.driver import (_execution_groups, build_plan, prune_blocks, prune_model,
+                                 reconstruction_loss)
+from obs_compress.errors import NonFiniteError, RecipeError
+from obs_compress.math.hessian import HessianAccumulator, RecursiveInverseAccumulator
+from obs_compress.math.masks import prune_count
+from obs_compress.model.capture import capture_block_inputs
+from obs_compress.recipe import load_recipe
+
+SEQ_LEN = 32
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(4, 128, (8, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+
+
+def snapshot(model):
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_pruned_exactly(model, before, report, *, row_wise=False):
+    """Each target weight has exactly the requested zeros; every other tensor is bit-identical."""
+    targets = {f"{layer.name}.weight": layer for layer in report.layers}
+    assert targets
+    for name, tensor in model.state_dict().items():
+        if name not in targets:
+            assert torch.equal(tensor, before[name]), f"{name} was modified"
+            continue
+        stats = targets[name]
+        zeros = int((tensor == 0).sum())
+        if stats.pattern != "unstructured":
+            n, m = map(int, stats.pattern.split(":"))
+            assert zeros == tensor.numel() * (m - n) // m, name
+        elif row_wise:
+            d_out, d_in = stats.shape
+            assert zeros == d_out * prune_count(d_in, stats.target_sparsity), name
+        else:
+            assert zeros == prune_count(tensor.numel(), stats.target_sparsity), name
+        assert stats.n_pruned == zeros
+
+
+def assert_nm(weight_matrix, n, m):
+    groups = (weight_matrix == 0).reshape(weight_matrix.shape[0], -1, m).sum(-1)
+    assert bool((groups == m - n).all())
+
+
+def assert_runs(model, input_ids):
+    with torch.no_grad():
+        output = model(input_ids=input_ids[:2])
+    first = output[0] if isinstance(output, tuple) else (
+        output.logits if hasattr(output, "logits") else output.last_hidden_state)
+    assert torch.isfinite(first).all()
+
+
+@pytest.mark.parametrize("family, method", [("llama", "obd"), ("llama", "magnitude"),
+                                            ("gpt2", "obd"), ("bert", "magnitude")])
+def test_requested_sparsity_on_every_target_and_nothing_else(family, method, input_ids):
+    model = tiny_model(family)
+    model.train()  # the driver runs in eval mode and gives the flag back
+    before = snapshot(model)
+    hooks = hook_snapshot(model)
+    report = oneshot(model, {"method": method, "sparsity": 0.5}, input_ids, progress=False)
+    assert model.training
+    assert hook_snapshot(model) == hooks and no_hooks(model)
+    expected = {"llama": 14, "gpt2": 8, "bert": 12}[family]
+    assert len(report.layers) == expected and report.n_blocks == 2
+    assert report.global_sparsity == pytest.approx(0.5, abs=1e-3)
+    for stats in report.layers:
+        assert stats.method == method and stats.n_tokens == input_ids.numel()
+        assert stats.reconstruction_loss >= 0 and stats.seconds >= 0
+    assert_pruned_exactly(model, before, report)
+    assert_runs(model.eval(), input_ids)
+
+
+def test_row_allocation(input_ids):
+    model = tiny_model("llama")
+    before = snapshot(model)
+    report = oneshot(model, {"method": "obd", "sparsity": 0.3, "allocation": "row"}, input_ids,
+                     progress=False)
+    assert_pruned_exactly(model, before, report, row_wise=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_two_of_four_holds_on_every_target(family, input_ids):
+    model = tiny_model(family)
+    before = snapshot(model)
+    method = "obs_blockwise" if family == "gpt2" else "magnitude"
+    report = oneshot(model, {"method": method, "pattern": "2:4", "block_size": 32}, input_ids,
+                     progress=False)
+    assert_pruned_exactly(model, before, report)
+    plan = build_plan(model, {"pattern": "2:4"})
+    for layer_plan in plan.layers:
+        assert_nm(layer_plan.layer.weight_matrix(), 2, 4)  # along d_in, Conv1D included
+    assert_runs(model, input_ids)
+
+
+def test_measured_loss_is_the_output_error_for_conv1d(input_ids):
+    """GPT-2's c_attn (a Conv1D, weight stored (d_in, d_out)): the reported loss equals
+    ||(W' - W) X^T||^2 / n computed from the layer's real inputs."""
+    model = tiny_model("gpt2")
+    block = model.transformer.h[0]
+    old = block.attn.c_attn.weight.detach().clone()  # (d_in, d_out)
+    with torch.no_grad():
+        embeddings = model(input_ids=input_ids, output_hidden_states=True).hidden_states[0]
+        inputs = block.ln_1(embeddings).reshape(-1, old.shape[0])  # (n, d_in)
+    report = oneshot(model, {"method": "magnitude", "sparsity": 0.5}, input_ids,
+                     progress=False)
+    stats = report.layers[0]
+    assert stats.name == "transformer.h.0.attn.c_attn" and stats.shape == (192, 64)
+    delta = block.attn.c_attn.weight.detach() - old  # (d_in, d_out)
+    direct = ((inputs @ delta) ** 2).sum().item() / inputs.shape[0]
+    assert stats.reconstruction_loss == pytest.approx(direct, rel=1e-4)
+    assert stats.predicted_loss == pytest.approx(direct, rel=1e-4)  # magnitude: exact loss
+
+
+def test_reconstruction_loss_from_the_recursive_inverse():
+    torch.manual_seed(0)
+    inputs = torch.randn(400, 16, dtype=torch.float64)
+    delta = torch.randn(5, 16, dtype=torch.float64)
+    cholesky = HessianAccumulator(16, dtype=torch.float64)
+    recursive = RecursiveInverseAccumulator(16, dampening_frac=0.01, expected_tokens=400)
+    cholesky.add_batch(inputs)
+    recursive.add_batch(inputs)
+    direct = ((inputs @ delta.T) ** 2).sum().item() / 400
+    assert reconstruction_loss(delta, cholesky.finalize()) == pytest.approx(direct, rel=1e-9)
+    assert reconstruction_loss(delta, recursive.finalize()) == pytest.approx(direct, rel=1e-6)
+
+
+def test_recursive_inverse_recipe(input_ids):
+    model = tiny_model("llama")
+    before = snapshot(model)
+    report = oneshot(model, {"method": "obd", "inverse": "recursive"}, input_ids,
+                     progress=False)
+    assert_pruned_exactly(model, before, report)
+
+
+def test_sequential_groups_follow_the_forward():
+    model = tiny_model("llama")
+    plan = build_plan(model, None)
+    stack = plan.stack
+    calls = capture_block_inputs(model, stack, [torch.randint(4, 128, (1, 8))])
+    groups = _execution_groups(stack.modules[0], plan.blocks[0].layers, calls[0])
+    names = [[p.layer.name.split(".", 3)[-1] for p in group] for group in groups]
+    assert names == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                     ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert no_hooks(model)
+
+
+def test_sequential_pruning_recomputes_inputs(input_ids):
+    results = {}
+    for sequential in (False, True):
+        model = tiny_model("llama")
+        before = snapshot(model)
+        report = oneshot(model, {"method": "obd", "sequential": sequential}, input_ids,
+                         progress=False)
+        assert_pruned_exactly(model, before, report)
+        results[sequential] = {s.name: s.reconstruction_loss for s in report.layers}
+    # Block 0's q/k/v see the same inputs either way; o_proj sees pruned attention outputs.
+    assert results[True]["model.layers.0.self_attn.q_proj"] == pytest.approx(
+        results[False]["model.layers.0.self_attn.q_proj"])
+    assert results[True]["model.layers.0.self_attn.o_proj"] != pytest.approx(
+        results[False]["model.layers.0.self_attn.o_proj"])
+
+
+def test_targets_ignore_and_mixed_overrides(input_ids):
+    model = tiny_model("llama")
+    before = snapshot(model)
+    recipe = load_recipe({"method": "magnitude", "ignore": ["down_proj"],
+                          "overrides": [{"targets": [r"\.mlp\."], "pattern": "2:4"}]})
+    report = oneshot(model, recipe, input_ids, progress=False)
+    names = {s.name for s in report.layers}
+    assert len(names) == 12 and not any("down_proj" in n for n in names)
+    assert_pruned_exactly(model, before, report)
+    patterns = {s.name.split(".")[-1]: s.pattern for s in report.layers}
+    assert patterns["up_proj"] == patterns["gate_proj"] == "2:4"
+    assert patterns["q_proj"] == "unstructured"
+
+
+@pytest.mark.parametrize("recipe, words", [
+    ({"targets": ["lm_head"]}, ["match no prunable layer", "model.layers.0.self_attn.q_proj"]),
+    ({"targets": ["mlp"], "ignore": ["mlp"]}, ["match no prunable layer"]),
+    ({"overrides": [{"targets": ["fc1"], "sparsity": 0.2}]}, ["overrides[0].targets", "fc1"]),
+    ({"method": "magnitude", "pattern": "1:3"},
+     ["1:3", "model.layers.0.self_attn.q_proj", "d_in=64"]),
+    ({"method": "magnitude", "overrides": [{"targets": ["down_proj"], "pattern": "1:3"}]},
+     ["model.layers.0.mlp.down_proj", "d_in=128"]),
+])
+def test_plan_errors_come_before_any_change(recipe, words, input_ids):
+    model = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(RecipeError) as info:
+        oneshot(model, recipe, input_ids, progress=False)
+    for word in words:
+        assert word in str(info.value)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert no_hooks(model)
+
+
+def test_non_finite_weight_is_refused_with_the_layer_named(input_ids):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.down_proj"):
+        oneshot(model, {"method": "magnitude"}, input_ids, progress=False)
+    assert no_hooks(model) and not model.training
+
+
+def test_non_finite_activations_are_refused_with_the_layer_named(input_ids):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[input_ids[0, 0]] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"layer model\.layers\.0\.self_attn\.q_proj"):
+        oneshot(model, {"method": "magnitude"}, input_ids, progress=False)
+    assert no_hooks(model)
+
+
+def test_blocks_are_yielded_one_at_a_time(input_ids):
+    model = tiny_model("llama", layers=3)
+    plan = build_plan(model, {"method": "magnitude"})
+    later = model.model.layers[2].mlp.up_proj.weight.detach().clone()
+    blocks = prune_blocks(model, plan, input_ids, progress=False)
+    first = next(blocks)
+    assert first.index == 0 and first.name == "model.layers.0" and len(first.layers) == 7
+    assert (model.model.layers[0].mlp.up_proj.weight == 0).any()
+    assert torch.equal(model.model.layers[2].mlp.up_proj.weight, later)  # not reached yet
+    blocks.close()  # stopping early leaves no hook behind
+    assert no_hooks(model)
+
+
+def test_prune_model_report(input_ids):
+    model = tiny_model("bert")
+    plan = build_plan(model, {"method": "magnitude", "sparsity": 0.25})
+    report = prune_model(model, plan, input_ids, batch_size=3, progress=False, model_name="t")
+    data = report.to_dict()
+    assert data["model"] == "t" and data["n_layers"] == 12 and data["n_samples"] == 8
+    assert data["global_sparsity"] == pytest.approx(0.25, abs=1e-3)
+    assert data["recipe"]["sparsity"] == 0.25
+    table = report.table()
+    assert "encoder.layer.1.output.dense" in table and "global sparsity 0.2500" in table
+
+
+def test_oneshot_dataset_forms(tmp_path, input_ids):
+    from _tiny_models import char_tokenizer, write_text_file
+
+    recipe = {"method": "magnitude", "calibration": {"n_samples": 4, "seq_len": 48}}
+    tokenizer = char_tokenizer()
+    path = write_text_file(tmp_path / "cal.jsonl")
+    texts = [line for line in path.read_text().splitlines()]
+    for dataset in (str(path), texts):
+        model = tiny_model("llama")
+        report = oneshot(model, recipe, dataset, tokenizer=tokenizer, progress=False)
+        assert report.n_samples == 4 and report.seq_len == 48
+    with pytest.raises(Exception, match="vocabulary"):
+        oneshot(tiny_model("llama"), recipe, torch.full((2, 8), 500), progress=False)
+
+
+def test_minilm_obd_50(data_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = minilm_folder()
+    model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    before = snapshot(model)
+    recipe = {"method": "obd", "calibration": {"source": str(data_dir / "c4" /
+                                                           "c4_validation_2k.parquet"),
+                                               "n_samples": 4, "seq_len": 64}}
+    report = oneshot(model, recipe, tokenizer=tokenizer, progress=False)
+    assert len(report.layers) == 36
+    assert_pruned_exactly(model, before, report)  # pooler, embeddings, LayerNorms untouched
+    with torch.no_grad():
+        encoded = tokenizer(["pruned sentence embeddings still run"], return_tensors="pt")
+        assert torch.isfinite(model(**encoded).last_hidden_state).all()

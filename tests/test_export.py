@@ -1,0 +1,225 @@
+"""Export: save -> load round-trips bit for bit, atomic output, refusals, inspection."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from _tiny_models import char_tokenizer, folder_digest, minilm_folder, save_tiny, tiny_model
+from obs_compress.api import oneshot, save_pretrained
+from obs_compress.errors import InvalidArgument, OutputExistsError
+from obs_compress.export.checkpoint import (PARTIAL_INFIX, REPORT_NAME, atomic_output_dir,
+                                            checkpoint_tensors, load_pretrained)
+from obs_compress.export.inspection import inspect_checkpoint, nm_holds
+from obs_compress.export.safetensors_writer import ShardedSafetensorsWriter, parse_size
+from obs_compress.math.masks import Pattern
+from obs_compress.recipe import load_recipe
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(4, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+
+
+def pruned(family, input_ids, recipe=None):
+    model = tiny_model(family)
+    recipe = load_recipe(recipe or {"method": "magnitude", "sparsity": 0.5})
+    report = oneshot(model, recipe, input_ids, progress=False)
+    return model, recipe, report
+
+
+def assert_same_tensors(model, loaded):
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert set(mine) == set(theirs)
+    for name, tensor in mine.items():
+        assert tensor.dtype == theirs[name].dtype
+        assert torch.equal(tensor, theirs[name]), name
+
+
+def siblings(path):
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.mark.parametrize("family, auto", [("llama", "AutoModelForCausalLM"),
+                                          ("gpt2", "AutoModelForCausalLM"),
+                                          ("bert", "AutoModel")])
+def test_round_trip_bit_for_bit(tmp_path, input_ids, family, auto):
+    import transformers
+
+    source = save_tiny(tmp_path / "source", family)
+    before = folder_digest(source)
+    model, recipe, report = pruned(family, input_ids)
+    out = save_pretrained(model, tmp_path / "out", tokenizer=char_tokenizer(), source=source,
+                          recipe=recipe, report=report)
+    assert folder_digest(source) == before
+    loaded = getattr(transformers, auto).from_pretrained(out)  # stock transformers, unchanged
+    assert_same_tensors(model, loaded)
+    with torch.no_grad():
+        output = loaded(input_ids=input_ids)
+    assert torch.isfinite(output[0]).all()
+    if family == "gpt2":  # tied lm_head stays tied, written once
+        assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+
+    config = json.loads((out / "config.json").read_text())
+    section = config["sparsity"]
+    assert section["method"] == "magnitude" and section["pattern"] == "unstructured"
+    assert section["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert section["targets"] == [layer.name for layer in report.layers]
+    assert config["architectures"] == [type(model).__name__]
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    assert load_recipe(out / "recipe.yaml") == recipe
+    assert json.loads((out / REPORT_NAME).read_text())["n_layers"] == len(report.layers)
+    assert siblings(out) == ["out", "source"]  # no temporary folder left
+
+
+def test_sharded_output_loads_back(tmp_path, input_ids):
+    from transformers import AutoModelForCausalLM
+
+    model, recipe, report = pruned("llama", input_ids)
+    out = save_pretrained(model, tmp_path / "out", recipe=recipe, report=report,
+                          max_shard_size="40KB")
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(checkpoint_tensors(model))
+    assert_same_tensors(model, AutoModelForCausalLM.from_pretrained(out))
+    assert load_pretrained(out).tokenizer is None  # none was given and the model had none
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, input_ids):
+    model, recipe, report = pruned("llama", input_ids)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_pretrained(model, out, recipe=recipe, report=report)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert siblings(out) == ["out"]
+    save_pretrained(model, out, recipe=recipe, report=report, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert siblings(out) == ["out"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        save_pretrained(model, tmp_path / "file")
+
+
+def test_empty_existing_output_is_fine(tmp_path, input_ids):
+    model, recipe, report = pruned("bert", input_ids)
+    (tmp_path / "out").mkdir()
+    save_pretrained(model, tmp_path / "out", report=report)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_output_may_not_overlap_the_source(tmp_path, input_ids):
+    source = save_tiny(tmp_path / "source", "llama")
+    before = folder_digest(source)
+    model, recipe, report = pruned("llama", input_ids)
+    for out in (source, source / "pruned", tmp_path):
+        with pytest.raises(InvalidArgument, match="overlap the source"):
+            save_pretrained(model, out, source=source, overwrite=True)
+    assert folder_digest(source) == before
+
+
+def test_failure_leaves_nothing_behind(tmp_path, input_ids, monkeypatch):
+    import obs_compress.export.checkpoint as checkpoint
+
+    model, recipe, report = pruned("llama", input_ids)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint, "copy_tokenizer_files", broken)
+    source = tmp_path / "source"
+    source.mkdir()
+    out = tmp_path / "deep" / "er" / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_pretrained(model, out, source=source, recipe=recipe, report=report)
+    assert not (tmp_path / "deep").exists()  # parents made for it are gone too
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(tmp_path / "out2") as partial:
+            (partial / "half.safetensors").write_bytes(b"x")
+            raise KeyboardInterrupt
+    assert sorted(os.listdir(tmp_path)) == ["source"]
+
+
+def test_stale_partials_of_dead_runs_are_removed(tmp_path, input_ids):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out{PARTIAL_INFIX}{dead.pid}-abcdef12"
+    stale.mkdir()
+    alive = tmp_path / f".out{PARTIAL_INFIX}{os.getpid()}-abcdef12"
+    alive.mkdir()
+    model, recipe, report = pruned("bert", input_ids)
+    save_pretrained(model, tmp_path / "out", report=report)
+    assert not stale.exists() and alive.exists()
+
+
+def test_inspect_reports_sparsity_and_nm(tmp_path, input_ids):
+    model, recipe, report = pruned("llama", input_ids, {"method": "magnitude", "pattern": "2:4"})
+    out = save_pretrained(model, tmp_path / "out", recipe=recipe, report=report)
+    result = inspect_checkpoint(out)
+    assert str(result.pattern) == "2:4"
+    targets = [t for t in result.tensors if t.target]
+    assert len(targets) == 14 and all(t.nm_axis == 1 and t.sparsity == 0.5 for t in targets)
+    assert result.global_sparsity == pytest.approx(0.5)
+    embed = next(t for t in result.tensors if "embed_tokens" in t.name)
+    assert embed.nm_axis is None and not embed.target
+    assert "2:4 holds in 14 of them" in result.table()
+
+
+def test_nm_holds():
+    weight = torch.tensor([[0.0, 1, 0, 2, 3, 0, 0, 4]])
+    assert nm_holds(weight, Pattern(2, 4), 1)
+    assert not nm_holds(weight, Pattern(1, 4), 1)
+    assert not nm_holds(weight, Pattern(2, 3), 1)  # 3 does not divide 8
+    assert nm_holds(weight.T.contiguous(), Pattern(2, 4), 0)
+
+
+def test_writer_shards_views_and_shared_storage(tmp_path):
+    from safetensors.torch import load_file
+
+    base = torch.arange(12.0).reshape(3, 4)
+    writer = ShardedSafetensorsWriter(tmp_path, max_shard_size=1000)
+    writer.add("a", base)
+    writer.add("b", base[1:])  # a view into a's storage
+    writer.add("c", base.T)  # non-contiguous
+    with pytest.raises(ValueError, match="already written"):
+        writer.add("a", base)
+    assert writer.close() == ["model.safetensors"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(tmp_path / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(loaded["b"], base[1:]) and torch.equal(loaded["c"], base.T)
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1MiB") == 2**20 and parse_size(5) == 5
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_minilm_two_of_four_round_trip(tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = minilm_folder()
+    before = folder_digest(folder)
+    model = AutoModel.from_pretrained(folder, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = ["Sentence embeddings map text to vectors. " * 20] * 4
+    recipe = load_recipe({"method": "magnitude", "pattern": "2:4",
+                          "calibration": {"n_samples": 2, "seq_len": 64}})
+    report = oneshot(model, recipe, texts, tokenizer=tokenizer, progress=False)
+    out = save_pretrained(model, tmp_path / "minilm-2of4", tokenizer=tokenizer, source=folder,
+                          recipe=recipe, report=report)
+    assert folder_digest(folder) == before
+    loaded = AutoModel.from_pretrained(out)
+    assert_same_tensors(model, loaded)
+    assert all(t.nm_axis == 1 for t in inspect_checkpoint(out).tensors if t.target)
+    assert (out / "vocab.txt").read_bytes() == (folder / "vocab.txt").read_bytes()
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(out)
+    assert reloaded_tokenizer("hello")["input_ids"] == tokenizer("hello")["input_ids"]
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["pattern"] == "2:4"
