@@ -7,8 +7,21 @@ from .math import Curvature, HessianAccumulator, RecursiveInverseAccumulator
 
 __version__ = "0.1.0"
 
+# The pipeline pulls in transformers; it is imported on first use so that the math core
+# (prune_weight and the accumulators) stays a light import.
+_PIPELINE = {"oneshot": "api", "save_pretrained": "api", "load_recipe": "recipe", "Recipe": "recipe"}
+
+
+def __getattr__(name):
+    if name in _PIPELINE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_PIPELINE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "METHODS", "Curvature", "HessianAccumulator", "HessianNotPositiveDefinite", "InvalidArgument",
     "ModelLoadError", "NonFiniteError", "ObsCompressError", "OutputExistsError", "PruneResult",
-    "RecipeError", "RecursiveInverseAccumulator", "prune_weight",
+    "Recipe", "RecipeError", "RecursiveInverseAccumulator", "load_recipe", "oneshot",
+    "prune_weight", "save_pretrained",
 ]
