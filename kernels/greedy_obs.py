@@ -148,7 +148,9 @@ def greedy_obs_torch(weight: torch.Tensor, hessian_inverse: torch.Tensor,
             w.sub_(coefficient[:, None] * column)
             # Rank-1 downdate, skipped (scaled by 0) for rows that are done.
             scaled = column * (active_f / pivot)[:, None]
-            chunk_inverse.baddbmm_(column[:, :, None], scaled[:, None, :], alpha=-1)
+            # addcmul_, not baddbmm_: a K=1 batched matmul is far slower on CPU, and the
+            # broadcast product would allocate a (b, B, B) temporary.
+            chunk_inverse.addcmul_(column[:, :, None], scaled[:, None, :], value=-1)
             active_rows = row_index[active]
             w[active_rows, chosen[active]] = 0
             pruned[active_rows, chosen[active]] = True
