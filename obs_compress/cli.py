@@ -147,13 +147,16 @@ def _run_prune(args: argparse.Namespace) -> int:
         recipe = recipe.with_updates(args.assignments)
     if args.batch_size < 1:
         raise _usage_error(f"--batch-size must be >= 1, got {args.batch_size}")
-    run = prune_checkpoint(args.model, recipe, args.out, dataset=args.dataset,
-                           device=args.device, overwrite=args.overwrite,
-                           allow_pickle=args.allow_pickle,
-                           trust_remote_code=args.trust_remote_code,
-                           dtype=None if args.dtype == "auto" else args.dtype,
-                           batch_size=args.batch_size, progress=not args.no_progress,
-                           max_shard_size=args.max_shard_size)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        run = prune_checkpoint(args.model, recipe, args.out, dataset=args.dataset,
+                               device=args.device, overwrite=args.overwrite,
+                               allow_pickle=args.allow_pickle,
+                               trust_remote_code=args.trust_remote_code,
+                               dtype=None if args.dtype == "auto" else args.dtype,
+                               batch_size=args.batch_size, progress=not args.no_progress,
+                               max_shard_size=args.max_shard_size)
     print(run.report.table())
     print(f"wrote {run.out_dir} in {run.seconds:.1f} s")
     if args.report:
