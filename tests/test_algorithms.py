@@ -53,6 +53,22 @@ def test_refit_by_conjugate_gradient_matches_direct_solve():
     torch.testing.assert_close(direct, least_squares_kept(weight, x, mask), rtol=1e-7, atol=1e-7)
 
 
+def test_refit_warm_start_reaches_the_same_optimum():
+    from obs_compress.algorithms.refit import refit_kept_weights
+    weight, x, hessian = layer_problem(4, d_in=48)
+    result = prune_weight(weight, hessian, method="obs_blockwise", sparsity=0.6, block_size=8,
+                          dampening_frac=0.0)
+    direct = refit_kept_weights(weight, result.mask, hessian, solver="direct")
+    warm = refit_kept_weights(weight, result.mask, hessian, solver="cg", initial=result.weight)
+    torch.testing.assert_close(warm, direct, rtol=1e-7, atol=1e-7)
+    # Started at the optimum, one iteration is enough; from zero it is not.
+    at_optimum = refit_kept_weights(weight, result.mask, hessian, solver="cg", initial=direct,
+                                    max_iterations=1)
+    torch.testing.assert_close(at_optimum, direct, rtol=1e-7, atol=1e-7)
+    cold = refit_kept_weights(weight, result.mask, hessian, solver="cg", max_iterations=1)
+    assert not torch.allclose(cold, direct, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("pattern,allocation", [("unstructured", "row"), ("unstructured", "layer"),
                                                 ("2:4", "layer"), ("1:4", "layer")])
 def test_predicted_loss_equals_measured_without_damping(pattern, allocation):

@@ -127,7 +127,9 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     if refit:
         if prepared is None:
             raise InvalidArgument("refit needs the Hessian")
-        pruned = refit_kept_weights(original, mask, prepared.hessian)
+        pruned = refit_kept_weights(original, mask, prepared.hessian,
+                                    initial=pruned if method in ("obs_exact", "obs_blockwise")
+                                    else None)
     elif method in ("magnitude", "obd"):
         pruned = original.masked_fill(mask, 0)
     if refit or method in ("magnitude", "obd"):
