@@ -16,6 +16,11 @@ A recipe is YAML (or a dict) with the same words as :func:`obs_compress.prune_we
       - targets: ['\\.mlp\\.']
         pattern: '2:4'
     sequential: false            # prune a block's sub-layers in order from recomputed inputs
+    block_sparsity:              # how unstructured sparsity spreads over the blocks
+      method: uniform            # uniform | owl (outlier-weighed, same total; Yin et al. 2024)
+      spread: 0.08               # owl: block sparsities span 2 x spread (OWL's lambda)
+      outlier_threshold: 5.0     # owl: an outlier score exceeds this multiple of the mean (M)
+      n_samples: 32              # owl: calibration samples (the first ones) for the statistics
     calibration: {source: c4, n_samples: 128, seq_len: 512, seed: 0, start: 0, stop: 1000}
 
 Only layers inside the model's block stack are ever candidates, so ``lm_head``, embeddings
@@ -113,6 +118,28 @@ class CalibrationSettings:
 
 CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
 
+BLOCK_SPARSITY_METHODS = ("uniform", "owl")
+
+
+@dataclass(frozen=True)
+class BlockSparsitySettings:
+    """How the unstructured sparsity of the target layers spreads over the blocks.
+
+    ``uniform``: every layer gets its own recipe sparsity. ``owl``: each block's layers move
+    by one offset, from the block's outlier fraction (:mod:`obs_compress.math.block_sparsity`),
+    with the total number of pruned weights unchanged. N:M layers are never moved.
+    """
+
+    method: str = "uniform"
+    spread: float = 0.08
+    outlier_threshold: float = 5.0
+    n_samples: int = 32
+
+
+BLOCK_SPARSITY_FIELDS = tuple(f.name for f in fields(BlockSparsitySettings))
+# Nested sections of a recipe and the names of their fields (``--set section.field=value``).
+SECTIONS = {"calibration": CALIBRATION_FIELDS, "block_sparsity": BLOCK_SPARSITY_FIELDS}
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -130,6 +157,7 @@ class Recipe:
     ignore: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
     sequential: bool = False
+    block_sparsity: BlockSparsitySettings = field(default_factory=BlockSparsitySettings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     @property
@@ -161,6 +189,7 @@ class Recipe:
         data["ignore"] = list(self.ignore)
         data["overrides"] = [override.to_dict() for override in self.overrides]
         data["sequential"] = self.sequential
+        data["block_sparsity"] = asdict(self.block_sparsity)
         data["calibration"] = asdict(self.calibration)
         return data
 
@@ -171,7 +200,8 @@ class Recipe:
         """A copy with ``field=value`` assignments applied (the CLI's ``--set``).
 
         Values are read as YAML (``sparsity=0.7``, ``refit=true``, ``targets=['mlp']``);
-        ``calibration.n_samples=16`` reaches into the calibration section.
+        ``calibration.n_samples=16`` reaches into a section (``calibration``,
+        ``block_sparsity``).
         """
         data = self.to_dict()
         explicit_sparsity = False
@@ -186,14 +216,15 @@ class Recipe:
                 value = _yaml_load(text) if text.strip() else None
             except yaml.YAMLError as exc:
                 raise RecipeError(f"override {assignment!r}: the value is not valid YAML ({exc})")
-            if key.startswith("calibration."):
-                sub = key.split(".", 1)[1]
-                if sub not in CALIBRATION_FIELDS:
-                    _unknown("calibration", sub, CALIBRATION_FIELDS, "")
-                data["calibration"][sub] = value
+            section, dot, sub = key.partition(".")
+            if dot and section in SECTIONS:
+                if sub not in SECTIONS[section]:
+                    _unknown(section, sub, SECTIONS[section], "")
+                data[section][sub] = value
                 continue
             if key not in data:
-                allowed = tuple(data) + tuple(f"calibration.{c}" for c in CALIBRATION_FIELDS)
+                allowed = tuple(data) + tuple(f"{section}.{name}" for section, names
+                                              in SECTIONS.items() for name in names)
                 _unknown("", key, allowed, "")
             data[key] = value
             explicit_sparsity |= key == "sparsity"
@@ -340,7 +371,8 @@ def _recipe_from_dict(data: Any, origin: str) -> Recipe:
     if not isinstance(data, Mapping):
         raise RecipeError(f"recipe{_where(origin)} must be a mapping of fields, got "
                           f"{type(data).__name__}")
-    allowed = PRUNE_FIELDS + ("targets", "ignore", "overrides", "sequential", "calibration")
+    allowed = PRUNE_FIELDS + ("targets", "ignore", "overrides", "sequential", "block_sparsity",
+                              "calibration")
     for key in data:
         if key not in allowed:
             _unknown("", key, allowed, origin)
@@ -360,6 +392,8 @@ def _recipe_from_dict(data: Any, origin: str) -> Recipe:
         if not isinstance(data["sequential"], bool):
             raise _bad("sequential", data["sequential"], "true or false", origin)
         values["sequential"] = data["sequential"]
+    if "block_sparsity" in data:
+        values["block_sparsity"] = _block_sparsity_from_dict(data["block_sparsity"], origin)
     if "calibration" in data:
         values["calibration"] = _calibration_from_dict(data["calibration"], origin)
     recipe = Recipe(**values)
@@ -392,6 +426,33 @@ def _recipe_from_dict(data: Any, origin: str) -> Recipe:
     return replace(recipe, overrides=tuple(parsed))
 
 
+def _block_sparsity_from_dict(data: Any, origin: str) -> BlockSparsitySettings:
+    if not isinstance(data, Mapping):
+        raise _bad("block_sparsity", data, "a mapping with fields "
+                   f"{', '.join(BLOCK_SPARSITY_FIELDS)}", origin)
+    for key in data:
+        if key not in BLOCK_SPARSITY_FIELDS:
+            _unknown("block_sparsity", key, BLOCK_SPARSITY_FIELDS, origin)
+    values = dict(data)
+    if "method" in values and values["method"] not in BLOCK_SPARSITY_METHODS:
+        raise _bad("block_sparsity.method", values["method"],
+                   f"one of {', '.join(BLOCK_SPARSITY_METHODS)}", origin)
+    for name, lowest, strict in (("spread", 0.0, False), ("outlier_threshold", 0.0, True)):
+        if name in values:
+            value = values[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < lowest or (strict and value == lowest):
+                raise _bad(f"block_sparsity.{name}", value,
+                           f"a finite number {'>' if strict else '>='} {lowest:g}", origin)
+            values[name] = float(value)
+    if "spread" in values and values["spread"] >= 0.5:
+        raise _bad("block_sparsity.spread", values["spread"],
+                   "a number below 0.5 (block sparsities span 2 x spread; 0.08 is OWL's)", origin)
+    if "n_samples" in values and (not _is_int(values["n_samples"]) or values["n_samples"] < 1):
+        raise _bad("block_sparsity.n_samples", values["n_samples"], "an integer >= 1", origin)
+    return BlockSparsitySettings(**values)
+
+
 def _calibration_from_dict(data: Any, origin: str) -> CalibrationSettings:
     if not isinstance(data, Mapping):
         raise _bad("calibration", data, "a mapping with fields "
@@ -416,5 +477,6 @@ def _calibration_from_dict(data: Any, origin: str) -> CalibrationSettings:
     return CalibrationSettings(**values)
 
 
-__all__ = ["CALIBRATION_FIELDS", "CalibrationSettings", "INVERSES", "Override", "PRUNE_FIELDS",
+__all__ = ["BLOCK_SPARSITY_FIELDS", "BLOCK_SPARSITY_METHODS", "BlockSparsitySettings",
+           "CALIBRATION_FIELDS", "CalibrationSettings", "INVERSES", "Override", "PRUNE_FIELDS",
            "PruneSettings", "Recipe", "load_recipe"]

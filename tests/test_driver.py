@@ -185,6 +185,58 @@ def test_targets_ignore_and_mixed_overrides(input_ids):
     assert patterns["q_proj"] == "unstructured"
 
 
+def test_owl_block_sparsity_matches_an_independent_computation(input_ids):
+    """Block sparsities from outlier fractions computed here with plain forward hooks on the
+    dense model; the total is kept, and the 2:4 layers are not moved."""
+    from obs_compress.math.block_sparsity import owl_sparsities
+    model = tiny_model("llama", layers=4)
+    before = snapshot(model)
+    owl = {"method": "owl", "spread": 0.1, "outlier_threshold": 2.0, "n_samples": 4}
+    recipe = {"method": "magnitude", "sparsity": 0.5, "block_sparsity": owl,
+              "overrides": [{"targets": ["down_proj"], "pattern": "2:4"}]}
+
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [module.register_forward_hook(
+        lambda m, args, out, name=name: inputs.__setitem__(name, args[0].reshape(-1, args[0].shape[-1])))
+        for name, module in model.named_modules() if name.endswith("proj") and "down" not in name]
+    with torch.no_grad():
+        model(input_ids=input_ids[:4])
+    for handle in handles:
+        handle.remove()
+    fractions, sizes = [], []
+    for block in range(4):
+        names = [n for n in inputs if n.startswith(f"model.layers.{block}.")]
+        scores = torch.cat([(model.get_submodule(n).weight.abs().double()
+                             * inputs[n].double().norm(dim=0)).flatten() for n in names])
+        fractions.append((scores > 2.0 * scores.mean()).double().mean().item())
+        sizes.append(sum(model.get_submodule(n).weight.numel() for n in names))
+    assert len(set(fractions)) > 1
+    expected = owl_sparsities(fractions, sizes, 0.5, 0.1)
+
+    report = oneshot(model, recipe, input_ids, progress=False, batch_size=2)
+    assert_pruned_exactly(model, before, report)
+    for stats in report.layers:
+        if "down_proj" in stats.name:
+            assert stats.pattern == "2:4" and stats.target_sparsity == 0.5
+        else:
+            assert stats.target_sparsity == pytest.approx(expected[stats.block], abs=1e-4)
+    unstructured = [s for s in report.layers if "down_proj" not in s.name]
+    pruned = sum(s.n_pruned for s in unstructured)
+    total = sum(s.shape[0] * s.shape[1] for s in unstructured)
+    assert abs(pruned - total / 2) <= len(unstructured)  # one rounding per layer at most
+
+
+def test_owl_spread_too_wide_is_a_recipe_error(input_ids):
+    model = tiny_model("llama", layers=4)
+    before = snapshot(model)
+    recipe = {"method": "magnitude", "sparsity": 0.05,
+              "block_sparsity": {"method": "owl", "spread": 0.3, "outlier_threshold": 2.0}}
+    with pytest.raises(RecipeError, match="block_sparsity.*spread"):
+        oneshot(model, recipe, input_ids, progress=False)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert no_hooks(model)
+
+
 @pytest.mark.parametrize("recipe, words", [
     ({"targets": ["lm_head"]}, ["match no prunable layer", "model.layers.0.self_attn.q_proj"]),
     ({"targets": ["mlp"], "ignore": ["mlp"]}, ["match no prunable layer"]),

@@ -103,6 +103,29 @@ class HessianAccumulator:
                          dead_inputs=torch.diagonal(hessian) == 0, name=self.name)
 
 
+class InputNormAccumulator:
+    """Streaming ``||X_j||^2``, the sum of squares of each input column (``diag`` of
+    ``X^T X``): the activation statistic of Wanda and OWL, without the ``d_in^2`` product."""
+
+    def __init__(self, d_in: int, *, device: torch.device | str | None = None, name: str = ""):
+        self.d_in = d_in
+        self.name = name
+        self.sum_squares = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.n_tokens = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        x = _flatten_inputs(inputs, self.d_in, self.name).to(self.sum_squares.device)
+        _check_finite(x, self.name)
+        self.sum_squares += x.to(torch.float64).square().sum(dim=0)
+        self.n_tokens += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        """``||X_j||``: ``(d_in,)`` float64."""
+        if self.n_tokens == 0:
+            raise InvalidArgument(f"layer {self.name or '?'}: no calibration tokens were seen")
+        return self.sum_squares.sqrt()
+
+
 class RecursiveInverseAccumulator:
     """One pass over the data that keeps the inverse Hessian, never ``H`` itself.
 
