@@ -120,6 +120,7 @@ def greedy_obs_torch(weight: torch.Tensor, hessian_inverse: torch.Tensor,
     counts = prune_counts.to(device=device, dtype=torch.long).clamp(max=max_steps)
     inverse = hessian_inverse.to(dtype)
     free = free_columns.to(device) if free_columns is not None else None
+    has_free = free is not None and bool(free.any())
     infinity = torch.tensor(float("inf"), dtype=dtype, device=device)
 
     if row_chunk is None:
@@ -137,36 +138,48 @@ def greedy_obs_torch(weight: torch.Tensor, hessian_inverse: torch.Tensor,
         b = stop - start
         row_index = torch.arange(b, device=device)
         chunk_inverse = inverse.expand(b, width, width).clone()
+        # Usually every row of the chunk takes every step (N:M, row allocation, the layer
+        # allocation's trace): then no row needs masking out, and each step is a few calls.
+        every_row = bool((chunk_counts == steps).all())
         for step in range(steps):
-            active = step < chunk_counts  # (b,)
             diagonal = torch.diagonal(chunk_inverse, dim1=1, dim2=2)
             saliency = w * w / (2 * diagonal)
-            if free is not None:
-                saliency = torch.where(free, torch.zeros_like(saliency), saliency)
-            blocked = pruned
+            if has_free:
+                saliency.masked_fill_(free, 0)
+            # Pruned columns (w = 0, diagonal ~0: their saliency may be NaN) never again.
+            saliency.masked_fill_(pruned, float("inf"))
             if group_size:
                 full = pruned.view(b, -1, group_size).sum(-1) >= group_prune
-                blocked = blocked | full.repeat_interleave(group_size, dim=1)
-            saliency = torch.where(blocked, infinity, saliency)
-            chosen = torch.argmin(saliency, dim=1)  # first index on ties
-            loss = saliency[row_index, chosen]
-            pivot = diagonal[row_index, chosen]
+                saliency = torch.where(full.repeat_interleave(group_size, dim=1), infinity,
+                                       saliency)
+            loss, chosen = saliency.min(dim=1)  # first index on ties, like argmin
+            index = chosen[:, None]
+            pivot = diagonal.gather(1, index)  # (b, 1)
             # (b, B) = H^-1 e_q; gather is the same values as chunk_inverse[row_index, :, chosen]
             # without advanced indexing's slow path (a slice between two index tensors).
             column = chunk_inverse.gather(2, chosen.view(b, 1, 1).expand(b, width, 1)).squeeze(2)
-            active_f = active.to(dtype)
-            coefficient = w[row_index, chosen] / pivot * active_f
-            w.sub_(coefficient[:, None] * column)
-            # Rank-1 downdate, skipped (scaled by 0) for rows that are done.
-            scaled = column * (active_f / pivot)[:, None]
-            # addcmul_, not baddbmm_: a K=1 batched matmul is far slower on CPU, and the
-            # broadcast product would allocate a (b, B, B) temporary.
-            chunk_inverse.addcmul_(column[:, :, None], scaled[:, None, :], value=-1)
-            active_rows = row_index[active]
-            w[active_rows, chosen[active]] = 0
-            pruned[active_rows, chosen[active]] = True
-            order[start + active_rows, step] = chosen[active]
-            step_loss[start + active_rows, step] = loss[active]
+            coefficient = w.gather(1, index) / pivot  # (b, 1)
+            scale = 1 / pivot
+            if not every_row:  # rows that are done take a zero step
+                active = (step < chunk_counts).to(dtype)[:, None]
+                coefficient = coefficient * active
+                scale = scale * active
+            w.addcmul_(coefficient, column, value=-1)
+            # Rank-1 downdate. addcmul_, not baddbmm_: a K=1 batched matmul is far slower on
+            # CPU, and the broadcast product would allocate a (b, B, B) temporary.
+            chunk_inverse.addcmul_(column[:, :, None], (column * scale)[:, None, :], value=-1)
+            if every_row:
+                w.scatter_(1, index, 0)
+                pruned.scatter_(1, index, True)
+                order[start:stop, step] = chosen
+                step_loss[start:stop, step] = loss
+            else:
+                taken = step < chunk_counts
+                rows_taken, columns_taken = row_index[taken], chosen[taken]
+                w[rows_taken, columns_taken] = 0
+                pruned[rows_taken, columns_taken] = True
+                order[start + rows_taken, step] = columns_taken
+                step_loss[start + rows_taken, step] = loss[taken]
         # Later compensations leave rounding residue (~1e-7 |w|) on weights pruned earlier.
         w.masked_fill_(pruned, 0)
     return GreedyObsResult(out_weight, out_mask, order, step_loss)

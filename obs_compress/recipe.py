@@ -426,14 +426,20 @@ def _recipe_from_dict(data: Any, origin: str) -> Recipe:
     return replace(recipe, overrides=tuple(parsed))
 
 
-def _block_sparsity_from_dict(data: Any, origin: str) -> BlockSparsitySettings:
+def _section_values(section: str, data: Any, origin: str) -> dict[str, Any]:
+    """The fields of nested section ``section`` as a dict; anything but a mapping of its
+    known fields is refused."""
+    allowed = SECTIONS[section]
     if not isinstance(data, Mapping):
-        raise _bad("block_sparsity", data, "a mapping with fields "
-                   f"{', '.join(BLOCK_SPARSITY_FIELDS)}", origin)
+        raise _bad(section, data, f"a mapping with fields {', '.join(allowed)}", origin)
     for key in data:
-        if key not in BLOCK_SPARSITY_FIELDS:
-            _unknown("block_sparsity", key, BLOCK_SPARSITY_FIELDS, origin)
-    values = dict(data)
+        if key not in allowed:
+            _unknown(section, key, allowed, origin)
+    return dict(data)
+
+
+def _block_sparsity_from_dict(data: Any, origin: str) -> BlockSparsitySettings:
+    values = _section_values("block_sparsity", data, origin)
     if "method" in values and values["method"] not in BLOCK_SPARSITY_METHODS:
         raise _bad("block_sparsity.method", values["method"],
                    f"one of {', '.join(BLOCK_SPARSITY_METHODS)}", origin)
@@ -454,13 +460,7 @@ def _block_sparsity_from_dict(data: Any, origin: str) -> BlockSparsitySettings:
 
 
 def _calibration_from_dict(data: Any, origin: str) -> CalibrationSettings:
-    if not isinstance(data, Mapping):
-        raise _bad("calibration", data, "a mapping with fields "
-                   f"{', '.join(CALIBRATION_FIELDS)}", origin)
-    for key in data:
-        if key not in CALIBRATION_FIELDS:
-            _unknown("calibration", key, CALIBRATION_FIELDS, origin)
-    values = dict(data)
+    values = _section_values("calibration", data, origin)
     if "source" in values and (not isinstance(values["source"], str) or not values["source"]):
         raise _bad("calibration.source", values["source"],
                    "c4, wikitext2, self or the path of a .txt/.json/.jsonl/.parquet file", origin)

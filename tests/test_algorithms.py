@@ -1,5 +1,7 @@
 """Solvers against independent oracles (least squares, hand cases, measured loss)."""
 
+import math
+
 import pytest
 import torch
 
@@ -95,7 +97,10 @@ def test_blockwise_with_one_block_reproduces_exact(pattern, allocation):
 
 
 @pytest.mark.parametrize("allocation", ["row", "layer"])
-def test_identity_hessian_reduces_obs_to_magnitude(allocation):
+def test_identity_hessian_reduces_obs_to_magnitude(allocation, monkeypatch):
+    from obs_compress.algorithms import obs
+    # At 50% a cap of twice the average count never binds, so a row may take what magnitude does.
+    monkeypatch.setattr(obs, "ROW_COUNT_CAP", 2.0)
     g = torch.Generator().manual_seed(4)
     weight = torch.randn(10, 24, generator=g, dtype=torch.float64)
     hessian = 2 * torch.eye(24, dtype=torch.float64)
@@ -112,6 +117,20 @@ def test_identity_hessian_reduces_obs_to_magnitude(allocation):
         part = prune_weight(weight[:, start:start + 8], None, method="magnitude", sparsity=0.5,
                             allocation=allocation)
         assert torch.equal(blocks.mask[:, start:start + 8], part.mask)
+
+
+def test_layer_allocation_caps_each_row_per_block():
+    from obs_compress.algorithms import obs
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(12, 32, generator=g, dtype=torch.float64)
+    weight[:3] *= 0.01  # rows that would give every weight
+    x = torch.randn(200, 32, generator=g, dtype=torch.float64)
+    hessian = 2 * x.T @ x / 200
+    result = prune_weight(weight, hessian, method="obs_blockwise", sparsity=0.5, block_size=16)
+    cap = math.ceil(obs.ROW_COUNT_CAP * 8)  # 8: the average count per row and block
+    per_block = result.mask.view(12, 2, 16).sum(-1)
+    assert int(per_block.max()) == cap  # the small rows take as many as allowed, no more
+    assert int(result.mask.sum()) == 12 * 16
 
 
 def test_diagonal_hessian_obs_and_obd_choose_the_same_mask():

@@ -89,14 +89,33 @@ def test_plan_runs_dense_once_and_the_sweep_without_repeats(bench):
 
 def test_best_recipe_per_pattern(bench):
     recipes = bench.parse_best_recipes(None)
-    for name, file in (("50%", "obs-50.yaml"), ("2:4", "obs-2of4.yaml"), ("70%", "obs-70.yaml"),
-                       ("80%", "obs-70.yaml")):
+    for name, file in (("50%", "obs-50.yaml"), ("2:4", "obs-2of4.yaml"),
+                       ("70%", "obs-70-owl.yaml"), ("80%", "obs-70-owl.yaml")):
         path, recipe = bench.resolve_best_recipe(bench.parse_bench_pattern(name), recipes)
         assert path.name == file
         pattern = bench.parse_bench_pattern(name)
         assert recipe.pattern == pattern.recipe_pattern
         if not pattern.is_nm:
             assert math.isclose(recipe.sparsity, pattern.sparsity)
+
+
+def test_obs_blockwise_runs_the_shipped_recipe_and_best_reuses_it(bench):
+    fifty, seventy = bench.parse_bench_pattern("50%"), bench.parse_bench_pattern("70%")
+    shipped = bench.our_recipe("obs_blockwise", fifty)
+    assert (shipped.block_size, shipped.refit, shipped.sparsity) == (32, True, 0.5)
+    best_recipes = bench.parse_best_recipes(None)
+    stored = shipped.to_dict()
+    stored.pop("calibration")
+    del stored["block_sparsity"]  # a row written before the field existed still matches
+    results = [{**_row("obs_blockwise", "50%", 45.0, 55.0, 500.0), "recipe": stored},
+               {**_row("obs_blockwise", "70%", 200.0, 180.0, 500.0),
+                "recipe": {**stored, "sparsity": 0.7}}]
+    reused = bench.reused_row(bench.Job("best", fifty), results, best_recipes)
+    assert reused["same_as"] == "obs_blockwise" and reused["method"] == "best"
+    assert reused["wikitext2_ppl"] == 45.0 and reused["recipe_file"].endswith("obs-50.yaml")
+    # 70%: the best recipe (OWL) differs from the shipped uniform one, so it runs.
+    assert bench.reused_row(bench.Job("best", seventy), results, best_recipes) is None
+    assert bench.reused_row(bench.Job("obd", fifty), results, best_recipes) is None
 
 
 def test_report_table_reference_check_and_targets(bench):

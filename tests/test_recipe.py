@@ -8,12 +8,13 @@ import pytest
 import yaml
 
 from obs_compress.errors import RecipeError
-from obs_compress.recipe import (CALIBRATION_FIELDS, PRUNE_FIELDS, CalibrationSettings, Recipe,
-                                 load_recipe)
+from obs_compress.recipe import (BLOCK_SPARSITY_FIELDS, CALIBRATION_FIELDS, PRUNE_FIELDS,
+                                 CalibrationSettings, Recipe, load_recipe)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = ("obs-50.yaml", "obs-2of4.yaml", "obs-70.yaml", "magnitude-50.yaml")
-TOP_LEVEL = set(PRUNE_FIELDS) | {"targets", "ignore", "overrides", "sequential", "calibration"}
+TOP_LEVEL = set(PRUNE_FIELDS) | {"targets", "ignore", "overrides", "sequential", "block_sparsity",
+                                 "calibration"}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
@@ -21,6 +22,7 @@ def test_shipped_recipes_load_and_spell_out_every_field(name):
     raw = yaml.safe_load((RECIPES / name).read_text())
     assert set(raw) == TOP_LEVEL
     assert set(raw["calibration"]) == set(CALIBRATION_FIELDS)
+    assert set(raw["block_sparsity"]) == set(BLOCK_SPARSITY_FIELDS)
     recipe = load_recipe(RECIPES / name)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
 
@@ -110,6 +112,12 @@ def test_unknown_keys_are_rejected_naming_key_and_allowed(data, words):
     ({"calibration": {"n_samples": 0}}, ["calibration.n_samples", "0"]),
     ({"calibration": {"start": 5, "stop": 5}}, ["calibration.stop", "5"]),
     ({"calibration": {"source": ""}}, ["calibration.source"]),
+    ({"block_sparsity": {"method": "global"}}, ["block_sparsity.method", "'global'", "owl"]),
+    ({"block_sparsity": {"spread": 0.5}}, ["block_sparsity.spread", "0.5", "below 0.5"]),
+    ({"block_sparsity": {"spread": -0.1}}, ["block_sparsity.spread", "-0.1"]),
+    ({"block_sparsity": {"outlier_threshold": 0}}, ["block_sparsity.outlier_threshold", "> 0"]),
+    ({"block_sparsity": {"n_samples": 0}}, ["block_sparsity.n_samples", "integer >= 1"]),
+    ({"block_sparsity": "owl"}, ["'block_sparsity'", "'owl'", "mapping"]),
     ({"overrides": [{"pattern": "2:4"}]}, ["overrides[0]", "targets"]),
     ({"overrides": [{"targets": ["mlp"]}]}, ["overrides[0]", "changes nothing"]),
     ({"overrides": [{"targets": ["mlp"], "sparsity": 2}]}, ["overrides[0].sparsity", "2"]),
@@ -173,6 +181,10 @@ def test_with_updates():
         recipe.with_updates(["sparsty=0.5"])
     with pytest.raises(RecipeError, match="calibration.samples"):
         recipe.with_updates(["calibration.samples=3"])
+    owl = recipe.with_updates(["block_sparsity.method=owl", "block_sparsity.spread=0.05"])
+    assert (owl.block_sparsity.method, owl.block_sparsity.spread) == ("owl", 0.05)
+    with pytest.raises(RecipeError, match="block_sparsity.lambda.*allowed fields: method, spread"):
+        recipe.with_updates(["block_sparsity.lambda=0.1"])
     with pytest.raises(RecipeError, match="field=value"):
         recipe.with_updates(["sparsity"])
 

@@ -19,9 +19,12 @@ wanda           llm-compressor ``WandaPruningModifier``
 sparsegpt       llm-compressor ``SparseGPTModifier`` (its defaults: block_size 128,
                 dampening_frac 0.01)
 obd             ours, ``method: obd`` (recipe defaults otherwise)
-obs_blockwise   ours, ``method: obs_blockwise`` (recipe defaults: block 128, damping 0.01)
-best            ours, the shipped recipe for the pattern (``recipes/obs-50.yaml``,
-                ``obs-2of4.yaml``, ``obs-70.yaml``; ``--best-recipe`` to change)
+obs_blockwise   ours, the shipped ``obs_blockwise`` recipe for the pattern, uniform sparsity
+                (``recipes/obs-50.yaml``, ``obs-2of4.yaml``, ``obs-70.yaml``): what the
+                main job and a user who takes a shipped recipe run
+best            ours, the best recipe we have for the pattern (``--best-recipe``; default
+                the shipped ones, and ``recipes/obs-70-owl.yaml`` at 70%). Where it is the
+                ``obs_blockwise`` recipe, that row is reused (``same_as``), not rerun
 ==============  ====================================================================
 
 Patterns (``--patterns``): ``50%`` unstructured, ``2:4`` and ``70%``; ``--sweep`` adds 60% and
@@ -150,7 +153,8 @@ METHOD_LABELS = {
 DEFAULT_PATTERNS = ("50%", "2:4", "70%")
 SWEEP_SPARSITIES = ("50%", "60%", "70%", "80%")
 DEFAULT_SWEEP_METHODS = ("magnitude", "wanda", "sparsegpt", "obs_blockwise", BEST)
-DEFAULT_BEST_RECIPES = {"50%": "obs-50.yaml", "2:4": "obs-2of4.yaml", "70%": "obs-70.yaml"}
+SHIPPED_RECIPES = {"50%": "obs-50.yaml", "2:4": "obs-2of4.yaml", "70%": "obs-70.yaml"}
+DEFAULT_BEST_RECIPES = {**SHIPPED_RECIPES, "70%": "obs-70-owl.yaml"}
 
 QUICK = {"n_samples": 16, "seq_len": 256, "n_windows": 4, "patterns": ("50%",),
          "methods": (DENSE, "sparsegpt", "obs_blockwise")}
@@ -483,6 +487,9 @@ def resolve_best_recipe(pattern: Pattern, best_recipes: dict[str, Path]):
 def our_recipe(method: str, pattern: Pattern):
     from obs_compress.recipe import load_recipe
 
+    if method == "obs_blockwise":
+        return resolve_best_recipe(pattern, {name: RECIPES_DIR / file
+                                             for name, file in SHIPPED_RECIPES.items()})[1]
     data: dict[str, Any] = {"method": method, "pattern": pattern.recipe_pattern}
     if not pattern.is_nm:
         data["sparsity"] = pattern.sparsity
@@ -926,6 +933,29 @@ def run_job(job: Job, *, folder: Path, tokenizer, data: ProtocolData, dataset_ca
     return row
 
 
+def reused_row(job: Job, results: list[dict[str, Any]],
+               best_recipes: dict[str, Path]) -> dict[str, Any] | None:
+    """For ``best``: a copy of the ``obs_blockwise`` row of the pattern when the best recipe
+    is that same recipe (the same run twice would only measure noise); else None."""
+    if job.method != BEST or job.pattern is None:
+        return None
+    blockwise = _find(results, "obs_blockwise", job.pattern.name)
+    if blockwise is None:
+        return None
+    from obs_compress.recipe import load_recipe
+
+    path, recipe = resolve_best_recipe(job.pattern, best_recipes)
+    recipe_data = recipe.to_dict()
+    recipe_data.pop("calibration", None)  # given as tensors, not part of the comparison
+    # Through the schema, so that a field added since the row was written takes its default.
+    if "recipe" not in blockwise or load_recipe(blockwise["recipe"]) != load_recipe(recipe_data):
+        return None
+    logger.info("best %s: recipe %s is the obs_blockwise recipe; reusing that row",
+                job.pattern.name, path)
+    return {**blockwise, "method": BEST, "label": METHOD_LABELS.get(BEST, BEST),
+            "recipe_file": str(path), "same_as": "obs_blockwise"}
+
+
 def parse_best_recipes(values: list[str] | None) -> dict[str, Path]:
     if not values:
         return {name: RECIPES_DIR / file for name, file in DEFAULT_BEST_RECIPES.items()}
@@ -975,7 +1005,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="methods of the sweep; default %(default)s")
     parser.add_argument("--best-recipe", action="append", metavar="[PATTERN=]PATH",
                         help="recipe of the 'best' method, per pattern (e.g. 2:4=recipes/x.yaml) "
-                             "or for all; default recipes/obs-50.yaml, obs-2of4.yaml, obs-70.yaml")
+                             "or for all; default recipes/obs-50.yaml, obs-2of4.yaml, "
+                             "obs-70-owl.yaml")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['n_samples']} calibration samples of {QUICK['seq_len']} "
                              f"tokens, {QUICK['n_windows']} windows per evaluation set, pattern "
@@ -1075,9 +1106,11 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for index, job in enumerate(todo, start=1):
         logger.info("[%d/%d] %s %s", index, len(todo), job.method,
                     job.pattern.name if job.pattern else "")
-        row = run_job(job, folder=folder, tokenizer=tokenizer, data=data,
-                      dataset_cache=dataset_cache, best_recipes=best_recipes,
-                      batch_size=args.batch_size)
+        row = reused_row(job, store.results, best_recipes)
+        if row is None:
+            row = run_job(job, folder=folder, tokenizer=tokenizer, data=data,
+                          dataset_cache=dataset_cache, best_recipes=best_recipes,
+                          batch_size=args.batch_size)
         store.add(row)
         write_reports(store, sweep_methods)
     write_reports(store, sweep_methods)

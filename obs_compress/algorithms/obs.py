@@ -33,7 +33,7 @@ from ..math.masks import Pattern, allocate_by_increments, split_count
 
 # With layer allocation a row may take at most this multiple of the average count (per
 # block for obs_blockwise): the greedy loss trace is only computed that far.
-ROW_COUNT_CAP = 2.0
+ROW_COUNT_CAP = 1.5
 # Elements of the batched (rows, B, B) systems of remove_set held at once.
 SOLVE_CHUNK_ELEMENTS = 1 << 24
 

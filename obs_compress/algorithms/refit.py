@@ -112,7 +112,7 @@ def refit_kept_weights(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.
         return _refit_direct(weight, mask, hessian)
     if solver == "cg":
         if tolerance is None:
-            tolerance = 1e-10 if weight.dtype == torch.float64 else 1e-3
+            tolerance = 1e-10 if weight.dtype == torch.float64 else 1e-2
         return _refit_conjugate_gradient(weight, mask, hessian, tolerance, max_iterations,
                                          initial)
     raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")
