@@ -17,6 +17,9 @@ walk the blocks"), written once for every model ``transformers`` loads:
    then o_proj, then gate/up, then down_proj in a Llama block), each group's Hessians taken
    from inputs recomputed with the earlier groups already pruned. Layers fed the same tensor
    share one Hessian accumulator either way.
+   With ``block_sparsity: owl`` a dense pass over every block comes first
+   (:func:`block_input_norms`, on the first calibration samples) and :func:`owl_plan`
+   moves each block's unstructured sparsity by its outlier fraction, same total.
 3. :func:`summarize` turns the per-block results into a :class:`PruneReport`.
 
 Shapes: calibration ``input_ids: (n_samples, seq_len)``; a layer's ``W: (d_out, d_in)``,
@@ -558,4 +561,5 @@ def prune_model(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor, *,
 
 
 __all__ = ["BlockPlan", "BlockResult", "LayerPlan", "LayerStats", "PrunePlan", "PruneReport",
-           "block_input_norms", "build_plan", "owl_plan", "prune_blocks", "prune_model", "reconstruction_loss", "summarize"]
+           "block_input_norms", "build_plan", "owl_plan", "prune_blocks", "prune_model",
+           "reconstruction_loss", "summarize"]
