@@ -734,7 +734,9 @@ def markdown_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         if row.get("nm_ok") is False:
             sparsity_text += " (N:M broken)"
         peak = row.get("peak_rss_mib")
-        peak_text = "–" if peak is None else f"{peak:,.0f} (+{row.get('peak_rss_delta_mib', 0):,.0f})"
+        delta = row.get("peak_rss_delta_mib")
+        peak_text = ("–" if peak is None else f"{peak:,.0f}" if delta is None
+                     else f"{peak:,.0f} (+{delta:,.0f})")
         load = row.get("loadavg_during")
         lines.append(
             f"| {METHOD_LABELS.get(row['method'], row['method'])} | "
