@@ -121,22 +121,22 @@ def greedy_obs_torch(weight: torch.Tensor, hessian_inverse: torch.Tensor,
     inverse = hessian_inverse.to(dtype)
     free = free_columns.to(device) if free_columns is not None else None
     has_free = free is not None and bool(free.any())
-    infinity = torch.tensor(float("inf"), dtype=dtype, device=device)
 
     if row_chunk is None:
         row_chunk = max(1, TORCH_CHUNK_ELEMENTS // (width * width))
+    elif row_chunk < 1:
+        raise ValueError(f"row_chunk must be >= 1, got {row_chunk}")
     n_chunks = -(-rows // row_chunk) if rows else 0
     row_chunk = -(-rows // n_chunks) if n_chunks else 1
     for start in range(0, rows, row_chunk):
         stop = min(start + row_chunk, rows)
         chunk_counts = counts[start:stop]
-        steps = int(chunk_counts.max().item()) if stop > start else 0
+        steps = int(chunk_counts.max().item())
         if steps == 0:
             continue
         w = out_weight[start:stop]  # view: updated in place
         pruned = out_mask[start:stop]
         b = stop - start
-        row_index = torch.arange(b, device=device)
         chunk_inverse = inverse.expand(b, width, width).clone()
         # Usually every row of the chunk takes every step (N:M, row allocation, the layer
         # allocation's trace): then no row needs masking out, and each step is a few calls.
@@ -148,10 +148,9 @@ def greedy_obs_torch(weight: torch.Tensor, hessian_inverse: torch.Tensor,
                 saliency.masked_fill_(free, 0)
             # Pruned columns (w = 0, diagonal ~0: their saliency may be NaN) never again.
             saliency.masked_fill_(pruned, float("inf"))
-            if group_size:
-                full = pruned.view(b, -1, group_size).sum(-1) >= group_prune
-                saliency = torch.where(full.repeat_interleave(group_size, dim=1), infinity,
-                                       saliency)
+            if group_size:  # groups that hold their M - N zeros already: none of them
+                full = pruned.view(b, -1, group_size).sum(-1, keepdim=True) >= group_prune
+                saliency.view(b, -1, group_size).masked_fill_(full, float("inf"))
             loss, chosen = saliency.min(dim=1)  # first index on ties, like argmin
             index = chosen[:, None]
             pivot = diagonal.gather(1, index)  # (b, 1)
@@ -160,10 +159,10 @@ def greedy_obs_torch(weight: torch.Tensor, hessian_inverse: torch.Tensor,
             column = chunk_inverse.gather(2, chosen.view(b, 1, 1).expand(b, width, 1)).squeeze(2)
             coefficient = w.gather(1, index) / pivot  # (b, 1)
             scale = 1 / pivot
-            if not every_row:  # rows that are done take a zero step
-                active = (step < chunk_counts).to(dtype)[:, None]
-                coefficient = coefficient * active
-                scale = scale * active
+            if not every_row:  # rows that are done take a zero step (where, not * 0: 0*inf)
+                taken = step < chunk_counts
+                coefficient = torch.where(taken[:, None], coefficient, 0)
+                scale = torch.where(taken[:, None], scale, 0)
             w.addcmul_(coefficient, column, value=-1)
             # Rank-1 downdate. addcmul_, not baddbmm_: a K=1 batched matmul is far slower on
             # CPU, and the broadcast product would allocate a (b, B, B) temporary.
@@ -174,8 +173,8 @@ def greedy_obs_torch(weight: torch.Tensor, hessian_inverse: torch.Tensor,
                 order[start:stop, step] = chosen
                 step_loss[start:stop, step] = loss
             else:
-                taken = step < chunk_counts
-                rows_taken, columns_taken = row_index[taken], chosen[taken]
+                rows_taken = taken.nonzero().squeeze(1)
+                columns_taken = chosen[taken]
                 w[rows_taken, columns_taken] = 0
                 pruned[rows_taken, columns_taken] = True
                 order[start + rows_taken, step] = columns_taken

@@ -46,11 +46,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     return torch.device(device)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 def calibration_input_ids(dataset: Any, *, tokenizer: Any, calibration: CalibrationSettings,
                           model: nn.Module | None = None) -> torch.Tensor:
     """Calibration token ids ``(n_samples, seq_len)`` from any accepted ``dataset`` form."""

@@ -44,12 +44,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms import prune_weight
+from .algorithms.refit import row_losses
 from .errors import InvalidArgument, NonFiniteError, ObsCompressError, RecipeError
 from .math.block_sparsity import outlier_fraction, owl_sparsities
 from .math.hessian import (Curvature, HessianAccumulator, InputNormAccumulator,
                            RecursiveInverseAccumulator)
+from .math.inverse import undamped_hessian
 from .math.masks import check_pattern_fits, parse_pattern
-from .model.blocks import BlockStack, PrunableLayer, find_block_stack, find_layers
+from .model.blocks import BlockStack, PrunableLayer, find_block_stack, find_layers, module_device
 from .model.capture import BlockCall, capture_block_inputs
 from .model.hooks import accumulate_inputs, input_hooks, on_device
 from .recipe import PruneSettings, Recipe, load_recipe
@@ -153,8 +155,9 @@ def block_input_norms(plan: PrunePlan, calls: Sequence[BlockCall],
     hidden = [call.hidden_states for call in calls]
     norms: list[dict[str, torch.Tensor]] = []
     for block_plan in plan.blocks:
-        accumulators = {p.layer.name: InputNormAccumulator(p.layer.d_in, device=device,
-                                                           name=p.layer.name)
+        accumulators = {p.layer.name: InputNormAccumulator(
+                            p.layer.d_in, name=p.layer.name,
+                            device=device if device is not None else module_device(p.layer.module))
                         for p in block_plan.layers if _unstructured(p)}
         modules = {p.layer.name: p.layer.module for p in block_plan.layers if _unstructured(p)}
         with on_device(block_plan.module, device) as block, \
@@ -319,25 +322,21 @@ def summarize(results: Sequence[BlockResult], *, n_samples: int, seq_len: int, s
 # --------------------------------------------------------------------------- the loop
 
 
-def reconstruction_loss(delta: torch.Tensor, curvature: Curvature) -> float:
-    """``sum over rows of dW H dW^T / 2`` = ``||dW X^T||^2 / n`` for ``delta = dW: (d_out, d_in)``.
+def reconstruction_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``sum over rows of dW H dW^T / 2`` = ``||dW X^T||^2 / n`` for ``delta = dW: (d_out,
+    d_in)`` and the undamped ``H`` (:func:`~obs_compress.math.inverse.undamped_hessian`)."""
+    return row_losses(delta.to(device=hessian.device, dtype=hessian.dtype), hessian).sum().item()
 
-    The recursive accumulator keeps only ``(H + lambda I)^-1``; ``H`` is recovered by
-    inverting it and removing the dampening.
-    """
-    if curvature.hessian is not None:
-        hessian = curvature.hessian
-    else:
-        inverse = curvature.hessian_inverse.to(torch.float64)
-        hessian = torch.linalg.inv(inverse)
-        hessian.diagonal().sub_(curvature.dampening)
-    delta = delta.to(device=hessian.device, dtype=hessian.dtype)
-    return 0.5 * ((delta @ hessian) * delta).sum().item()
+
+def _uses_recursive(settings: PruneSettings) -> bool:
+    return settings.inverse == "recursive" and settings.method != "magnitude"
 
 
 def _accumulator(layer: PrunableLayer, settings: PruneSettings, expected_tokens: int,
                  device: torch.device | None):
-    if settings.inverse == "recursive" and settings.method != "magnitude":
+    # Beside the layer when no compute device is named, so a model on the GPU stays there.
+    device = device if device is not None else module_device(layer.module)
+    if _uses_recursive(settings):
         return RecursiveInverseAccumulator(layer.d_in, dampening_frac=settings.dampening_frac,
                                            expected_tokens=expected_tokens, device=device,
                                            name=layer.name)
@@ -354,18 +353,19 @@ def _named(error: ObsCompressError, name: str) -> ObsCompressError:
         return error
 
 
-def _prune_layer(plan: LayerPlan, curvature: Curvature, block_index: int,
+def _prune_layer(plan: LayerPlan, curvature: Curvature, hessian: torch.Tensor,
+                 prepared_cache: dict, block_index: int,
                  extra_seconds: float = 0.0) -> LayerStats:
+    """Prune one layer in place; ``hessian`` is the undamped ``H`` that measures the loss,
+    ``prepared_cache`` is shared by the layers of one accumulator."""
     layer, settings = plan.layer, plan.settings
     # Contiguous: a Conv1D weight arrives as a transposed view, and solvers may .view() it.
     weight = layer.weight_matrix().contiguous()
-    if not torch.isfinite(weight).all():
-        raise NonFiniteError(f"layer {layer.name}: the weight holds NaN or infinity before "
-                             "pruning; the checkpoint is broken, refusing to prune it")
     curvature = replace(curvature, name=layer.name)  # errors name this layer
     start = time.perf_counter()
     try:
-        result = prune_weight(weight, curvature, **settings.prune_kwargs())
+        result = prune_weight(weight, curvature, prepared_cache=prepared_cache,
+                              **settings.prune_kwargs())
     except ObsCompressError as exc:
         raise _named(exc, layer.name) from exc
     seconds = time.perf_counter() - start + extra_seconds
@@ -373,13 +373,13 @@ def _prune_layer(plan: LayerPlan, curvature: Curvature, block_index: int,
         raise NonFiniteError(f"layer {layer.name}: pruning produced NaN or infinity; raise "
                              f"dampening_frac (now {settings.dampening_frac}) or give more "
                              "calibration samples")
-    measured = reconstruction_loss(result.weight - weight, curvature)
+    measured = reconstruction_loss(result.weight - weight, hessian)
+    n_pruned = int(result.mask.sum().item())
     layer.set_weight_(result.weight)
     return LayerStats(name=layer.name, block=block_index, shape=layer.shape,
                       method=settings.method, pattern=settings.pattern,
                       target_sparsity=settings.sparsity,
-                      sparsity=result.mask.float().mean().item(),
-                      n_pruned=int(result.mask.sum().item()),
+                      sparsity=n_pruned / result.mask.numel(), n_pruned=n_pruned,
                       predicted_loss=result.loss.sum().item(), reconstruction_loss=measured,
                       n_tokens=curvature.n_tokens, seconds=seconds)
 
@@ -395,7 +395,7 @@ class _Feed:
 
 
 def _accumulator_key(settings: PruneSettings) -> tuple:
-    if settings.inverse == "recursive" and settings.method != "magnitude":
+    if _uses_recursive(settings):
         return ("recursive", settings.dampening_frac)
     return ("cholesky",)
 
@@ -435,9 +435,12 @@ def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence
                 curvature = feed.accumulator.finalize()
             except ObsCompressError as exc:
                 raise _named(exc, feed.layers[0].layer.name) from exc
+            hessian = undamped_hessian(curvature)
             finalize_seconds = time.perf_counter() - start
+            prepared_cache: dict = {}
             for position, plan in enumerate(feed.layers):
-                stats.append(_prune_layer(plan, curvature, block_plan.index,
+                stats.append(_prune_layer(plan, curvature, hessian, prepared_cache,
+                                          block_plan.index,
                                           finalize_seconds if position == 0 else 0.0))
         del feeds, accumulators
     return stats

@@ -138,7 +138,7 @@ class BlockSparsitySettings:
 
 BLOCK_SPARSITY_FIELDS = tuple(f.name for f in fields(BlockSparsitySettings))
 # Nested sections of a recipe and the names of their fields (``--set section.field=value``).
-SECTIONS = {"calibration": CALIBRATION_FIELDS, "block_sparsity": BLOCK_SPARSITY_FIELDS}
+SECTIONS = {"block_sparsity": BLOCK_SPARSITY_FIELDS, "calibration": CALIBRATION_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,8 @@ class Recipe:
         data["ignore"] = list(self.ignore)
         data["overrides"] = [override.to_dict() for override in self.overrides]
         data["sequential"] = self.sequential
-        data["block_sparsity"] = asdict(self.block_sparsity)
-        data["calibration"] = asdict(self.calibration)
+        for section in SECTIONS:
+            data[section] = asdict(getattr(self, section))
         return data
 
     def to_yaml(self) -> str:
@@ -223,7 +223,7 @@ class Recipe:
                 data[section][sub] = value
                 continue
             if key not in data:
-                allowed = tuple(data) + tuple(f"{section}.{name}" for section, names
+                allowed = tuple(data) + tuple(f"{part}.{name}" for part, names
                                               in SECTIONS.items() for name in names)
                 _unknown("", key, allowed, "")
             data[key] = value
@@ -284,6 +284,12 @@ def _is_nm(value: Any) -> bool:
         return False  # reported with the field named when the recipe is validated
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -294,8 +300,7 @@ def _check_prune_value(name: str, value: Any, label: str, origin: str) -> Any:
         if value not in METHODS:
             raise _bad(label, value, f"one of {', '.join(METHODS)}", origin)
     elif name == "sparsity":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or not 0.0 <= value < 1.0:
+        if not _is_number(value) or not 0.0 <= value < 1.0:
             raise _bad(label, value, "a number in [0, 1), the fraction of weights pruned "
                        "(e.g. 0.5)", origin)
         value = float(value)
@@ -303,8 +308,8 @@ def _check_prune_value(name: str, value: Any, label: str, origin: str) -> Any:
         try:
             value = str(parse_pattern(value))
         except InvalidArgument:
-            raise _bad(label, value, "'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4'; "
-                       "quote it in YAML)", origin) from None
+            raise _bad(label, value, "'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4')",
+                       origin) from None
     elif name == "allocation":
         if value not in ALLOCATIONS:
             raise _bad(label, value, f"one of {', '.join(ALLOCATIONS)}", origin)
@@ -312,8 +317,7 @@ def _check_prune_value(name: str, value: Any, label: str, origin: str) -> Any:
         if not _is_int(value) or value < 1:
             raise _bad(label, value, "a positive integer (e.g. 128)", origin)
     elif name == "dampening_frac":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or value < 0:
+        if not _is_number(value) or value < 0:
             raise _bad(label, value, "a finite number >= 0 (e.g. 0.01)", origin)
         value = float(value)
     elif name == "refit":
@@ -371,8 +375,7 @@ def _recipe_from_dict(data: Any, origin: str) -> Recipe:
     if not isinstance(data, Mapping):
         raise RecipeError(f"recipe{_where(origin)} must be a mapping of fields, got "
                           f"{type(data).__name__}")
-    allowed = PRUNE_FIELDS + ("targets", "ignore", "overrides", "sequential", "block_sparsity",
-                              "calibration")
+    allowed = tuple(f.name for f in fields(Recipe))
     for key in data:
         if key not in allowed:
             _unknown("", key, allowed, origin)
@@ -446,8 +449,7 @@ def _block_sparsity_from_dict(data: Any, origin: str) -> BlockSparsitySettings:
     for name, lowest, strict in (("spread", 0.0, False), ("outlier_threshold", 0.0, True)):
         if name in values:
             value = values[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < lowest or (strict and value == lowest):
+            if not _is_number(value) or value < lowest or (strict and value == lowest):
                 raise _bad(f"block_sparsity.{name}", value,
                            f"a finite number {'>' if strict else '>='} {lowest:g}", origin)
             values[name] = float(value)

@@ -251,6 +251,30 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, message):
         prune_weight(weight, hessian, **args)
 
 
+def test_refit_without_a_hessian_is_a_clear_error():
+    weight, _, _ = layer_problem(0)
+    with pytest.raises(InvalidArgument, match="refit needs the Hessian"):
+        prune_weight(weight, None, method="magnitude", sparsity=0.5, refit=True)
+
+
+def test_one_prepared_cache_serves_layers_sharing_a_hessian(monkeypatch):
+    import obs_compress.algorithms as algorithms
+    calls = []
+    real = algorithms.prepare_curvature
+    monkeypatch.setattr(algorithms, "prepare_curvature",
+                        lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    weight, _, hessian = layer_problem(1)
+    cache: dict = {}
+    alone = prune_weight(weight, hessian, method="obs_blockwise", sparsity=0.5, block_size=8)
+    for _ in range(3):
+        shared = prune_weight(weight, hessian, method="obs_blockwise", sparsity=0.5,
+                              block_size=8, prepared_cache=cache)
+        torch.testing.assert_close(shared.weight, alone.weight, rtol=0, atol=0)
+    prune_weight(weight, hessian, method="obs_blockwise", sparsity=0.5, block_size=8,
+                 dampening_frac=0.1, prepared_cache=cache)
+    assert calls == [0.01, 0.01, 0.1]  # alone, once for the three shared calls, new dampening
+
+
 def test_non_finite_inputs_are_refused():
     weight, _, hessian = layer_problem(0)
     bad_hessian = hessian.clone()

@@ -97,6 +97,11 @@ def test_best_recipe_per_pattern(bench):
         assert recipe.pattern == pattern.recipe_pattern
         if not pattern.is_nm:
             assert math.isclose(recipe.sparsity, pattern.sparsity)
+        # The file's own fields come through: OWL only in the 70% recipe (and 80%, nearest).
+        assert recipe.block_sparsity.method == ("owl" if name in ("70%", "80%") else "uniform")
+        assert (recipe.block_size, recipe.refit) == (32, True)
+    spaced = bench.parse_best_recipes([f"2 : 4={bench.RECIPES_DIR / 'obs-2of4.yaml'}"])
+    assert list(spaced) == ["2:4"]
 
 
 def test_obs_blockwise_runs_the_shipped_recipe_and_best_reuses_it(bench):
@@ -124,19 +129,22 @@ def test_report_table_reference_check_and_targets(bench):
         _row("sparsegpt", "50%", 48.60, 57.50, 600.0),
         _row("obs_blockwise", "50%", 45.0, 55.0, 500.0),
         _row("best", "50%", 44.0, 54.0, 700.0),  # increase 19.86 vs 24.46: 18.8% smaller
-        _row("sparsegpt", "2:4", 93.30, 107.4, 600.0),
+        _row("sparsegpt", "2:4", 94.233, 107.4, 600.0),  # 1% above the README's 93.30
         _row("best", "2:4", 90.0, 100.0, 700.0),  # 4.8% smaller: missed
+        {**_row("obd", "50%", 65.0, 86.0, 900.0), "note": "copied from the log"},
     ]
     text = bench.markdown_report(_meta(bench), results)
     assert "| dense | – | 24.14 | +0.0% | 30.80 |" in text
     assert "| SparseGPT (llm-compressor) | 50% | 48.60 | +101.3% |" in text
     assert "Check against the README's reference figures" in text
     assert "48.60 (48.60, +0.0%)" in text
+    assert "94.23 (93.30, +1.0%)" in text
     targets = {row["target"].split(":")[0] + row["ours"]: row for row in bench.target_rows(results)}
     assert targets["50%best"]["met"] is True
     assert targets["2best"]["met"] is False
     assert targets["50%obs_blockwise"]["met"] is True  # 500 s <= 600 s
     assert "| NO |" in text and "| yes |" in text
+    assert "| OBD (ours) † | 50% |" in text and "† OBD (ours) 50%: copied from the log" in text
     quick = bench.markdown_report(_meta(bench, is_protocol=False), results)
     assert "Quick / non-protocol run" in quick and "## Check against" not in quick
 
@@ -180,6 +188,21 @@ def test_peak_rss_sees_an_allocation(bench):
     assert meter.method
     assert meter.peak_mib is not None and meter.before_mib is not None
     assert meter.peak_mib - meter.before_mib >= 48
+
+
+def test_sparsity_check_sees_conv1d_layers(bench):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                       n_positions=32))
+    layers = bench.decoder_linears(model)
+    assert len(layers) == 4 and all("transformer.h.0" in name for name in layers)
+    model.transformer.h[0].attn.c_attn.weight.data.zero_()  # Conv1D, stored (d_in, d_out)
+    check = bench.sparsity_check(model, None)
+    total = sum(m.weight.numel() for m in layers.values())
+    assert check["n_layers"] == 4
+    assert math.isclose(check["sparsity"], 16 * 48 / total)
 
 
 def test_sparsity_check_on_a_tiny_llama(bench):

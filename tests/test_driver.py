@@ -11,6 +11,7 @@ from obs_compress.driver import (_execution_groups, build_plan, prune_blocks, pr
                                  reconstruction_loss)
 from obs_compress.errors import NonFiniteError, RecipeError
 from obs_compress.math.hessian import HessianAccumulator, RecursiveInverseAccumulator
+from obs_compress.math.inverse import undamped_hessian
 from obs_compress.math.masks import prune_count
 from obs_compress.model.capture import capture_block_inputs
 from obs_compress.recipe import load_recipe
@@ -131,8 +132,10 @@ def test_reconstruction_loss_from_the_recursive_inverse():
     cholesky.add_batch(inputs)
     recursive.add_batch(inputs)
     direct = ((inputs @ delta.T) ** 2).sum().item() / 400
-    assert reconstruction_loss(delta, cholesky.finalize()) == pytest.approx(direct, rel=1e-9)
-    assert reconstruction_loss(delta, recursive.finalize()) == pytest.approx(direct, rel=1e-6)
+    assert reconstruction_loss(delta, undamped_hessian(cholesky.finalize())) == pytest.approx(
+        direct, rel=1e-9)
+    assert reconstruction_loss(delta, undamped_hessian(recursive.finalize())) == pytest.approx(
+        direct, rel=1e-6)
 
 
 def test_recursive_inverse_recipe(input_ids):
@@ -183,6 +186,20 @@ def test_targets_ignore_and_mixed_overrides(input_ids):
     patterns = {s.name.split(".")[-1]: s.pattern for s in report.layers}
     assert patterns["up_proj"] == patterns["gate_proj"] == "2:4"
     assert patterns["q_proj"] == "unstructured"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_on_the_gpu_is_pruned_there_without_a_device_argument(input_ids, monkeypatch):
+    import obs_compress.driver as driver
+    model = tiny_model("llama").cuda()
+    devices = []
+    real = driver.prune_weight
+    monkeypatch.setattr(driver, "prune_weight",
+                        lambda w, c, **k: devices.append(c.hessian.device.type) or real(w, c, **k))
+    oneshot(model, {"method": "obs_blockwise", "block_size": 32}, input_ids.cuda(),
+            progress=False)
+    assert devices and set(devices) == {"cuda"}
 
 
 def test_owl_block_sparsity_matches_an_independent_computation(input_ids):

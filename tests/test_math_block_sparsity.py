@@ -39,5 +39,10 @@ def test_owl_sparsities_degenerate_and_errors():
         owl_sparsities([0.0, 0.0, 1.0], [1, 1, 1], 0.05, 0.08)
     with pytest.raises(InvalidArgument, match="one size per"):
         owl_sparsities([0.1], [1, 2], 0.5, 0.08)
+    assert owl_sparsities([0.01, 0.03], [1, 1], 0.0, 0.08) == [0.0, 0.0]
+    with pytest.raises(InvalidArgument, match="finite"):
+        owl_sparsities([0.1, float("nan")], [1, 1], 0.5, 0.08)
+    with pytest.raises(InvalidArgument, match="at least one entry"):
+        outlier_fraction([torch.ones(0, 2)], [torch.ones(2)], threshold=1.0)
     with pytest.raises(InvalidArgument, match="threshold"):
         outlier_fraction([torch.ones(2, 2)], [torch.ones(2)], threshold=0)

@@ -102,18 +102,26 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from obs_compress.data import CALIBRATION_DOCUMENTS, EVALUATION_N_WINDOWS, EVALUATION_WINDOW
+from obs_compress.errors import InvalidArgument
+from obs_compress.export.inspection import nm_holds
+from obs_compress.math.masks import Pattern as MaskPattern
+from obs_compress.math.masks import parse_pattern
+from obs_compress.model.blocks import find_block_stack, find_layers
+from obs_compress.recipe import CalibrationSettings
+
 logger = logging.getLogger("bench_quality")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
 
 # ---- The protocol (../shared/data/README.md) ---------------------------------------------------
-PROTOCOL_N_SAMPLES = 128
-PROTOCOL_SEQ_LEN = 512
-PROTOCOL_SEED = 0
-CALIBRATION_DOCUMENTS = (0, 1000)
-EVAL_WINDOW = 1024
-PROTOCOL_WINDOWS = {"wikitext2": 40, "c4": 20}
+# The package's own protocol constants and recipe calibration defaults, under local names.
+PROTOCOL_N_SAMPLES = CalibrationSettings.n_samples
+PROTOCOL_SEQ_LEN = CalibrationSettings.seq_len
+PROTOCOL_SEED = CalibrationSettings.seed
+EVAL_WINDOW = EVALUATION_WINDOW
+PROTOCOL_WINDOWS = EVALUATION_N_WINDOWS
 # Token digests of the protocol for the SmolLM2 tokenizer.
 PROTOCOL_DIGESTS = {"calibration": "c8664533313406d0", "wikitext2": "f9431c1508d7d212",
                     "c4": "612e66f88def2961"}
@@ -168,20 +176,28 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Pattern:
-    """A sparsity pattern: ``"50%"`` (unstructured) or ``"2:4"`` (N:M)."""
+    """A benchmark pattern: ``"50%"`` (unstructured) or ``"2:4"`` (N:M), with the package's
+    own pattern (:class:`obs_compress.math.masks.Pattern`) as its layout."""
 
     name: str
     sparsity: float
-    n: int = 0  # N:M: at most n nonzeros in every m consecutive inputs; 0:0 = unstructured
-    m: int = 0
+    layout: MaskPattern = MaskPattern()  # unstructured unless N:M
 
     @property
     def is_nm(self) -> bool:
-        return self.m > 0
+        return self.layout.is_nm
+
+    @property
+    def n(self) -> int:
+        return self.layout.n
+
+    @property
+    def m(self) -> int:
+        return self.layout.m
 
     @property
     def recipe_pattern(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+        return str(self.layout)
 
 
 def parse_bench_pattern(text: str) -> Pattern:
@@ -193,13 +209,14 @@ def parse_bench_pattern(text: str) -> Pattern:
         if not 0 < sparsity < 1:
             raise BenchError(f"pattern {text!r}: the sparsity must be between 0% and 100%")
         return Pattern(text, sparsity)
-    nm = re.fullmatch(r"(\d+):(\d+)", text)
-    if nm:
-        n, m = int(nm.group(1)), int(nm.group(2))
-        if not 0 < n < m:
-            raise BenchError(f"pattern {text!r}: N:M needs 0 < N < M")
-        return Pattern(text, 1 - n / m, n, m)
-    raise BenchError(f"pattern {text!r}: write a percentage ('50%') or N:M ('2:4')")
+    try:
+        layout = parse_pattern(text)
+    except InvalidArgument as exc:
+        raise BenchError(f"pattern {text!r}: write a percentage ('50%') or N:M ('2:4'); {exc}") \
+            from None
+    if not layout.is_nm:
+        raise BenchError(f"pattern {text!r}: write a percentage ('50%') or N:M ('2:4')")
+    return Pattern(str(layout), layout.sparsity, layout)  # "2 : 4" is named "2:4"
 
 
 # ---- Machine, versions ----------------------------------------------------------------------------
@@ -402,46 +419,34 @@ def load_dense(folder: Path) -> nn.Module:
 
 
 def block_class_names(model: nn.Module) -> list[str]:
-    """The decoder block classes (transformers' ``_no_split_modules``, e.g. LlamaDecoderLayer)."""
-    names = list(getattr(model, "_no_split_modules", None) or [])
-    present = {type(module).__name__ for module in model.modules()}
-    names = [name for name in names if name in present]
-    if not names:
-        raise BenchError(f"{type(model).__name__} names no decoder block class "
-                         "(_no_split_modules); cannot target its blocks")
-    return names
+    """The class names of the model's decoder blocks (e.g. LlamaDecoderLayer): llm-compressor's
+    ``targets``, the same blocks our driver walks."""
+    return sorted({type(block).__name__ for block in find_block_stack(model).modules})
 
 
-def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside the decoder blocks, by name."""
-    blocks = set(block_class_names(model))
-    found: dict[str, nn.Linear] = {}
-    for block_name, block in model.named_modules():
-        if type(block).__name__ not in blocks:
-            continue
-        for name, module in block.named_modules():
-            if isinstance(module, nn.Linear):
-                found[f"{block_name}.{name}"] = module
-    return found
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable layer (Linear, Conv1D) inside the decoder blocks, by name."""
+    stack = find_block_stack(model)
+    return {layer.name: layer.module for index, block in enumerate(stack.modules)
+            for layer in find_layers(block, stack.block_name(index))}
 
 
 def sparsity_check(model: nn.Module, pattern: Pattern | None) -> dict[str, Any]:
-    """Achieved sparsity of the decoder Linears, and whether an N:M pattern holds everywhere."""
+    """Achieved sparsity of the decoder's prunable layers, and whether an N:M pattern holds
+    in every one (along the input axis)."""
+    stack = find_block_stack(model)
     zeros = total = 0
     per_layer = []
     nm_ok = True
-    for module in decoder_linears(model).values():
-        weight = module.weight.detach()
-        layer_zeros = int((weight == 0).sum())
-        zeros += layer_zeros
-        total += weight.numel()
-        per_layer.append(layer_zeros / weight.numel())
-        if pattern is not None and pattern.is_nm:
-            if weight.shape[1] % pattern.m:
-                nm_ok = False
-                continue
-            groups = (weight == 0).reshape(weight.shape[0], -1, pattern.m).sum(-1)
-            nm_ok &= bool((groups >= pattern.m - pattern.n).all())
+    for index, block in enumerate(stack.modules):
+        for layer in find_layers(block, stack.block_name(index)):
+            weight = layer.weight_matrix().detach()  # (d_out, d_in), Conv1D too
+            layer_zeros = int((weight == 0).sum())
+            zeros += layer_zeros
+            total += weight.numel()
+            per_layer.append(layer_zeros / weight.numel())
+            if pattern is not None and pattern.is_nm:
+                nm_ok &= nm_holds(weight, pattern.layout, axis=1)
     check = {"sparsity": zeros / total if total else 0.0,
              "layer_sparsity_min": min(per_layer, default=0.0),
              "layer_sparsity_max": max(per_layer, default=0.0),
@@ -449,6 +454,7 @@ def sparsity_check(model: nn.Module, pattern: Pattern | None) -> dict[str, Any]:
     if pattern is not None and pattern.is_nm:
         check["nm_ok"] = nm_ok
     return check
+
 
 
 # ---- Methods ----------------------------------------------------------------------------------------
@@ -498,18 +504,12 @@ def our_recipe(method: str, pattern: Pattern):
     return load_recipe(data)
 
 
-def _our_oneshot():
-    try:
-        from obs_compress import oneshot
-    except ImportError:
-        from obs_compress.api import oneshot
-    return oneshot
-
-
 def prune_ours(model: nn.Module, recipe, calibration: torch.Tensor, *,
                batch_size: int) -> dict[str, Any]:
-    report = _our_oneshot()(model, recipe, calibration, device="cpu", batch_size=batch_size,
-                            progress=False)
+    from obs_compress.api import oneshot
+
+    report = oneshot(model, recipe, calibration, device="cpu", batch_size=batch_size,
+                     progress=False)
     return {"report_seconds": report.seconds, "report_global_sparsity": report.global_sparsity}
 
 
@@ -738,13 +738,19 @@ def markdown_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         peak_text = ("–" if peak is None else f"{peak:,.0f}" if delta is None
                      else f"{peak:,.0f} (+{delta:,.0f})")
         load = row.get("loadavg_during")
+        label = METHOD_LABELS.get(row["method"], row["method"]) + (" †" if row.get("note") else "")
         lines.append(
-            f"| {METHOD_LABELS.get(row['method'], row['method'])} | "
+            f"| {label} | "
             f"{'–' if row['pattern'] == DENSE else row['pattern']} | "
             f"{_fmt(row['wikitext2_ppl'])} | {_gap(row['wikitext2_ppl'], dense_ppl['wikitext2'])} | "
             f"{_fmt(row['c4_ppl'])} | {_gap(row['c4_ppl'], dense_ppl['c4'])} | "
             f"{_fmt(row.get('prune_seconds'), 1)} | {_fmt(row.get('prune_cpu_seconds'), 1)} | "
             f"{peak_text} | {sparsity_text} | {_fmt(load, 1)} |")
+
+    noted = [row for row in results if row.get("note")]
+    if noted:
+        lines += [""] + [f"† {METHOD_LABELS.get(r['method'], r['method'])} {r['pattern']}: "
+                         f"{r['note']}" for r in noted]
 
     if protocol["is_protocol"]:
         checks = [(key, ref, _find(results, *key)) for key, ref in REFERENCE.items()]
@@ -964,8 +970,12 @@ def parse_best_recipes(values: list[str] | None) -> dict[str, Path]:
     recipes: dict[str, Path] = {}
     for value in values:
         name, sep, path = value.partition("=")
-        if sep and (re.fullmatch(r"\d+(\.\d+)?%|\d+:\d+", name.strip())):
-            recipes[parse_bench_pattern(name).name] = Path(path)
+        try:
+            pattern = parse_bench_pattern(name) if sep else None
+        except BenchError:  # an '=' in a path, not PATTERN=PATH
+            pattern = None
+        if pattern is not None:
+            recipes[pattern.name] = Path(path)
         else:
             recipes["*"] = Path(value)
     for path in recipes.values():
@@ -1045,20 +1055,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, parser)
     except BenchError as exc:
-        parser.error(str(exc))
-        return 2
+        parser.error(str(exc))  # exits with status 2
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    defaults = {action.dest: action.default for action in parser._actions}
     methods = _method_list(args.methods, "--methods")
     pattern_text = args.patterns
     if args.quick:
-        if args.methods == defaults["methods"]:
+        if args.methods == parser.get_default("methods"):
             methods = QUICK["methods"]
-        if args.patterns == defaults["patterns"]:
+        if args.patterns == parser.get_default("patterns"):
             pattern_text = ",".join(QUICK["patterns"])
     patterns = tuple(parse_bench_pattern(p) for p in pattern_text.split(",") if p.strip())
     sweep_methods = _method_list(args.sweep_methods, "--sweep-methods")

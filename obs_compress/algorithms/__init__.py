@@ -68,7 +68,8 @@ def _check_arguments(weight, hessian, method, allocation, block_size, backend):
 def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None, *, method: str,
                  sparsity: float, pattern: str = "unstructured", allocation: str = "layer",
                  block_size: int = 128, dampening_frac: float = 0.01, refit: bool = False,
-                 backend: str = "auto") -> PruneResult:
+                 backend: str = "auto",
+                 prepared_cache: dict | None = None) -> PruneResult:
     """Prune one layer's weight with second-order information; inputs are not modified.
 
     ``hessian``: ``H`` (undamped) or a :class:`~obs_compress.math.hessian.Curvature` from an
@@ -79,6 +80,8 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     apply). ``allocation``: ``"row"`` (same count per row) or ``"layer"`` (rows differ by
     predicted loss). ``refit``: re-solve the kept weights for the final mask (exact
     least-squares optimum of that mask). ``backend``: ``"auto"`` | ``"torch"`` | ``"triton"``.
+    ``prepared_cache``: a dict shared by the calls on one ``hessian`` (layers fed the same
+    inputs), so that its damped inverse is computed once per ``(dampening_frac, dtype)``.
     Work happens in float64 when the weight or Hessian is float64, else float32.
     """
     curvature = _check_arguments(weight, hessian, method, allocation, block_size, backend)
@@ -89,6 +92,8 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     if method == "obs_blockwise" and parsed.is_nm and block_size % parsed.m:
         raise InvalidArgument(f"block_size {block_size} must be a multiple of M={parsed.m} for "
                               f"pattern {parsed}, so that no N:M group straddles two blocks")
+    if refit and curvature is None:
+        raise InvalidArgument("refit needs the Hessian (refit=True with hessian=None)")
     if not isinstance(dampening_frac, (int, float)) or not dampening_frac >= 0:
         raise InvalidArgument(f"dampening_frac must be >= 0, got {dampening_frac!r}")
 
@@ -100,7 +105,15 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     # The recursive path holds no raw H: preparing it yields the damped H for the loss.
     needs_inverse = method in ("obs_exact", "obs_blockwise") or refit or (
         curvature is not None and curvature.hessian is None)
-    prepared = prepare_curvature(curvature, dampening_frac, dtype=dtype) if needs_inverse else None
+    prepared = None
+    if needs_inverse:
+        key = (dampening_frac, dtype)
+        if prepared_cache is not None and key in prepared_cache:
+            prepared = prepared_cache[key]
+        else:
+            prepared = prepare_curvature(curvature, dampening_frac, dtype=dtype)
+            if prepared_cache is not None:
+                prepared_cache[key] = prepared
     # The loss of a finished weight is measured with the raw H (exact on the calibration
     # data); the recursive path has only the damped inverse, so its damped H stands in.
     loss_hessian = None
@@ -109,14 +122,17 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     elif curvature is not None and prepared is not None:
         loss_hessian = prepared.hessian
 
+    loss = None  # measured below with the raw H unless the solver's prediction stands
     if method == "magnitude":
         mask = magnitude(original, sparsity=sparsity, pattern=parsed, allocation=allocation)
+        pruned = original.masked_fill(mask, 0)
     elif method == "obd":
         # Undamped diag(H): dead inputs have H_qq = 0, so they score 0 and go first.
         diagonal = (curvature.hessian_diagonal if curvature.hessian_diagonal is not None
                     else torch.diagonal(curvature.hessian))
         mask = obd(original, diagonal.to(dtype), sparsity=sparsity, pattern=parsed,
                    allocation=allocation)
+        pruned = original.masked_fill(mask, 0)
     elif method == "obs_exact":
         pruned, mask, loss = obs_exact(original, prepared, sparsity=sparsity, pattern=parsed,
                                        allocation=allocation, backend=backend)
@@ -125,14 +141,11 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
                                            allocation=allocation, block_size=block_size,
                                            backend=backend)
     if refit:
-        if prepared is None:
-            raise InvalidArgument("refit needs the Hessian")
-        pruned = refit_kept_weights(original, mask, prepared.hessian,
-                                    initial=pruned if method in ("obs_exact", "obs_blockwise")
-                                    else None)
-    elif method in ("magnitude", "obd"):
-        pruned = original.masked_fill(mask, 0)
-    if refit or method in ("magnitude", "obd"):
+        # obs_exact's weights already are the optimum of its mask under the damped H.
+        if method != "obs_exact":
+            pruned = refit_kept_weights(original, mask, prepared.hessian, initial=pruned)
+        loss = None
+    if loss is None:
         loss = (row_losses(pruned - original, loss_hessian) if loss_hessian is not None
                 else torch.full((weight.shape[0],), float("nan"), dtype=dtype))
     pruned = pruned.masked_fill(mask, 0)

@@ -103,8 +103,8 @@ def refit_kept_weights(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.
     ``weight`` is the ORIGINAL dense weight (the target of the reconstruction), ``hessian``
     the (damped) ``H``. ``solver``: ``"direct"``, ``"cg"`` or ``"auto"`` (direct up to
     ``DIRECT_MAX_WIDTH`` inputs). ``initial``: a pruned weight to start conjugate gradient
-    from (an OBS solver's result is already near the optimum, so fewer iterations run; the
-    tolerance stays relative to the right-hand side, so the answer is the same).
+    from (an OBS solver's result is already near the optimum, so fewer iterations run). The
+    tolerance is on the residual relative to the right-hand side, whatever the start.
     """
     if solver == "auto":
         solver = "direct" if weight.shape[1] <= DIRECT_MAX_WIDTH else "cg"
@@ -112,7 +112,7 @@ def refit_kept_weights(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.
         return _refit_direct(weight, mask, hessian)
     if solver == "cg":
         if tolerance is None:
-            tolerance = 1e-10 if weight.dtype == torch.float64 else 1e-2
+            tolerance = 1e-10 if weight.dtype == torch.float64 else 1e-3
         return _refit_conjugate_gradient(weight, mask, hessian, tolerance, max_iterations,
                                          initial)
     raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")

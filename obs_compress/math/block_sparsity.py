@@ -12,8 +12,9 @@ so the sparsities span a range ``2 * spread`` wide (OWL's ``lambda`` is ``spread
 their mean, weighted by each block's weight count, is ``target``: the total number of
 pruned weights is unchanged.
 
-``||X_j||`` enters only through ratios, so any positive multiple serves: ``sqrt(diag H)``
-with ``H = 2 X^T X / n`` is what the driver passes.
+``||X_j||`` enters only through ratios, so any positive multiple serves (``sqrt(diag H)``
+with ``H = 2 X^T X / n`` would do); the driver passes
+:class:`~obs_compress.math.hessian.InputNormAccumulator` norms.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Sequence
 import torch
 
 from ..errors import InvalidArgument
+from .masks import check_sparsity
 
 
 def outlier_fraction(weights: Sequence[torch.Tensor], input_norms: Sequence[torch.Tensor],
@@ -37,9 +39,18 @@ def outlier_fraction(weights: Sequence[torch.Tensor], input_norms: Sequence[torc
                               "least one weight")
     if threshold <= 0:
         raise InvalidArgument(f"outlier threshold must be > 0, got {threshold}")
-    scores = torch.cat([(w.abs().to(torch.float64) * n.to(w.device, torch.float64)[None, :])
-                        .flatten() for w, n in zip(weights, input_norms)])
-    return (scores > threshold * scores.mean()).to(torch.float64).mean().item()
+    # Two passes over the layers (mean, then count) rather than one concatenated copy of
+    # every score in the block.
+    def scores(w, n):
+        return w.abs().to(torch.float64) * n.to(w.device, torch.float64)[None, :]
+
+    count = sum(w.numel() for w in weights)
+    if count == 0:
+        raise InvalidArgument("outlier_fraction needs weights with at least one entry")
+    mean = sum(scores(w, n).sum().item() for w, n in zip(weights, input_norms)) / count
+    above = sum((scores(w, n) > threshold * mean).sum().item()
+                for w, n in zip(weights, input_norms))
+    return above / count
 
 
 def owl_sparsities(outlier_fractions: Sequence[float], sizes: Sequence[int], target: float,
@@ -55,12 +66,13 @@ def owl_sparsities(outlier_fractions: Sequence[float], sizes: Sequence[int], tar
         raise InvalidArgument("owl_sparsities needs one size per outlier fraction")
     if (weights <= 0).any():
         raise InvalidArgument("block sizes must be positive")
-    if not 0 <= target < 1:
-        raise InvalidArgument(f"target sparsity must be in [0, 1), got {target}")
+    if not torch.isfinite(fractions).all():
+        raise InvalidArgument(f"outlier fractions must be finite, got {list(outlier_fractions)}")
+    target = check_sparsity(target)
     if spread < 0:
         raise InvalidArgument(f"spread must be >= 0, got {spread}")
     span = fractions.max() - fractions.min()
-    if span <= 0 or spread == 0:
+    if span <= 0 or spread == 0 or target == 0:  # nothing to prune, nothing to move
         return [float(target)] * len(fractions)
     offsets = 2 * spread * (fractions - fractions.min()) / span
     sparsities = target + (offsets * weights).sum() / weights.sum() - offsets

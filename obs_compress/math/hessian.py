@@ -114,9 +114,10 @@ class InputNormAccumulator:
         self.n_tokens = 0
 
     def add_batch(self, inputs: torch.Tensor) -> None:
-        x = _flatten_inputs(inputs, self.d_in, self.name).to(self.sum_squares.device)
+        x = _flatten_inputs(inputs, self.d_in, self.name).to(self.sum_squares.device,
+                                                              torch.float64)
         _check_finite(x, self.name)
-        self.sum_squares += x.to(torch.float64).square().sum(dim=0)
+        self.sum_squares += x.square().sum(dim=0)
         self.n_tokens += x.shape[0]
 
     def norms(self) -> torch.Tensor:

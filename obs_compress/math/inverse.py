@@ -103,6 +103,16 @@ def _check_square_finite(matrix: torch.Tensor, what: str, name: str) -> None:
         raise NonFiniteError(f"layer {name or '?'}: {what} holds NaN or infinity")
 
 
+def undamped_hessian(curvature) -> torch.Tensor:
+    """``H`` itself, float64: as accumulated, or for the recursive path (which keeps only
+    ``(H + lambda I)^-1``) by inverting it and removing ``lambda``."""
+    if curvature.hessian is not None:
+        return curvature.hessian.double()
+    hessian = torch.linalg.inv(curvature.hessian_inverse.double())
+    hessian.diagonal().sub_(curvature.dampening)
+    return hessian
+
+
 def prepare_curvature(curvature, dampening_frac: float, *,
                       dtype: torch.dtype = torch.float32) -> PreparedCurvature:
     """Damp, guard dead inputs and invert, in float64, returning ``dtype`` tensors.

@@ -10,7 +10,7 @@ Shapes: a layer's input ``X: (..., d_in)`` is handed on as it comes; accumulator
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Protocol
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -70,6 +70,23 @@ def _move_own_tensors_(module: nn.Module, device: torch.device) -> None:
 
 
 @contextmanager
+def _onloaded(modules: Iterable[nn.Module], device: torch.device) -> Iterator[None]:
+    """Each of ``modules``' own tensors on ``device`` for the duration, then back home."""
+    home = {}
+    for sub in modules:
+        where = _own_device(sub)
+        if where is not None:
+            home[sub] = where
+    try:
+        for sub in home:
+            _move_own_tensors_(sub, device)
+        yield
+    finally:
+        for sub, where in home.items():
+            _move_own_tensors_(sub, where)
+
+
+@contextmanager
 def on_device(module: nn.Module, device: torch.device | str | None) -> Iterator[nn.Module]:
     """Onload ``module`` to ``device`` for the duration, then put it back where it was.
 
@@ -78,15 +95,8 @@ def on_device(module: nn.Module, device: torch.device | str | None) -> Iterator[
     if device is None:
         yield module
         return
-    device = torch.device(device)
-    home = {sub: _own_device(sub) for sub in module.modules() if _own_device(sub) is not None}
-    try:
-        for sub in home:
-            _move_own_tensors_(sub, device)
+    with _onloaded(module.modules(), torch.device(device)):
         yield module
-    finally:
-        for sub, where in home.items():
-            _move_own_tensors_(sub, where)
 
 
 @contextmanager
@@ -97,17 +107,9 @@ def outside_on_device(model: nn.Module, excluded: nn.Module,
     if device is None:
         yield
         return
-    device = torch.device(device)
     inside = {id(m) for m in excluded.modules()}
-    home = {sub: _own_device(sub) for sub in model.modules()
-            if id(sub) not in inside and _own_device(sub) is not None}
-    try:
-        for sub in home:
-            _move_own_tensors_(sub, device)
+    with _onloaded((m for m in model.modules() if id(m) not in inside), torch.device(device)):
         yield
-    finally:
-        for sub, where in home.items():
-            _move_own_tensors_(sub, where)
 
 
 __all__ = ["InputAccumulator", "accumulate_inputs", "input_hooks", "on_device",
