@@ -79,6 +79,9 @@ class GreedyObsResult:
     mask: torch.Tensor  # (rows, B) bool, True where pruned
     order: torch.Tensor  # (rows, max_steps) int64, pruned column per step, -1 if none
     step_loss: torch.Tensor  # (rows, max_steps), loss increase per step, 0 if none
+    # (rows, max_steps + 1, B): the weights after each step (0: the input), residue of
+    # earlier compensations left on pruned entries; only with keep_step_weights (torch backend).
+    step_weights: torch.Tensor | None = None
 
 
 def _check_arguments(weight, hessian_inverse, prune_counts, max_steps, group_size, group_prune,
@@ -101,8 +104,13 @@ def _check_arguments(weight, hessian_inverse, prune_counts, max_steps, group_siz
 def greedy_obs_torch(weight: torch.Tensor, hessian_inverse: torch.Tensor,
                      prune_counts: torch.Tensor, max_steps: int, *, group_size: int = 0,
                      group_prune: int = 0, free_columns: torch.Tensor | None = None,
-                     row_chunk: int | None = None) -> GreedyObsResult:
+                     row_chunk: int | None = None,
+                     keep_step_weights: bool = False) -> GreedyObsResult:
     """Reference implementation, vectorised over rows (also the CPU path).
+
+    ``keep_step_weights``: also return every row's weights after each step, so that a caller
+    that picks each row's count from the trace (layer allocation) can take those weights
+    instead of solving the set removal again.
 
     Rows go in equal chunks of at most ``row_chunk`` (default: as many as keep the chunk's
     private inverses, ``row_chunk x B x B``, within :data:`TORCH_CHUNK_ELEMENTS`). Each step
@@ -121,6 +129,10 @@ def greedy_obs_torch(weight: torch.Tensor, hessian_inverse: torch.Tensor,
     inverse = hessian_inverse.to(dtype)
     free = free_columns.to(device) if free_columns is not None else None
     has_free = free is not None and bool(free.any())
+    step_weights = None
+    if keep_step_weights:
+        step_weights = torch.empty(rows, max_steps + 1, width, dtype=dtype, device=device)
+        step_weights[:, 0] = weight
 
     if row_chunk is None:
         row_chunk = max(1, TORCH_CHUNK_ELEMENTS // (width * width))
@@ -179,9 +191,13 @@ def greedy_obs_torch(weight: torch.Tensor, hessian_inverse: torch.Tensor,
                 pruned[rows_taken, columns_taken] = True
                 order[start + rows_taken, step] = columns_taken
                 step_loss[start + rows_taken, step] = loss[taken]
+            if step_weights is not None:
+                step_weights[start:stop, step + 1] = w
+        if step_weights is not None:  # rows that took fewer steps keep their last weights
+            step_weights[start:stop, steps + 1:] = w[:, None, :]
         # Later compensations leave rounding residue (~1e-7 |w|) on weights pruned earlier.
         w.masked_fill_(pruned, 0)
-    return GreedyObsResult(out_weight, out_mask, order, step_loss)
+    return GreedyObsResult(out_weight, out_mask, order, step_loss, step_weights)
 
 
 if triton is not None:
@@ -436,18 +452,24 @@ def _launch_triton(weight: torch.Tensor, hessian_inverse: torch.Tensor,
 
 def greedy_obs(weight: torch.Tensor, hessian_inverse: torch.Tensor, prune_counts: torch.Tensor,
                max_steps: int, *, group_size: int = 0, group_prune: int = 0,
-               free_columns: torch.Tensor | None = None, backend: str = "auto") -> GreedyObsResult:
+               free_columns: torch.Tensor | None = None, backend: str = "auto",
+               keep_step_weights: bool = False) -> GreedyObsResult:
     """Exact greedy OBS for every row of a block; see the module docstring.
 
     Results match :func:`greedy_obs_torch` on the same inputs: masks and orders exactly
-    (up to exact-tie rounding), weights and step losses to fp32 rounding.
+    (up to exact-tie rounding), weights and step losses to fp32 rounding. ``keep_step_weights``
+    (the weights after every step) is a torch-backend option: the Triton kernels keep their
+    state on chip and raise rather than write it out.
     """
     _check_arguments(weight, hessian_inverse, prune_counts, max_steps, group_size, group_prune,
                      free_columns)
     if resolve_backend(backend, weight) == "triton":
+        if keep_step_weights:
+            raise ValueError("keep_step_weights is a torch-backend option; the Triton kernels do "
+                             "not write out per-step weights")
         return _launch_triton(weight, hessian_inverse, prune_counts, max_steps,
                               group_size=group_size, group_prune=group_prune,
                               free_columns=free_columns)
     return greedy_obs_torch(weight, hessian_inverse, prune_counts, max_steps,
                             group_size=group_size, group_prune=group_prune,
-                            free_columns=free_columns)
+                            free_columns=free_columns, keep_step_weights=keep_step_weights)

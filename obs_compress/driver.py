@@ -53,7 +53,7 @@ from .math.inverse import undamped_hessian
 from .math.masks import check_pattern_fits, parse_pattern
 from .model.blocks import BlockStack, PrunableLayer, find_block_stack, find_layers, module_device
 from .model.capture import BlockCall, capture_block_inputs
-from .model.hooks import accumulate_inputs, input_hooks, on_device
+from .model.hooks import accumulate_inputs, input_hooks, on_device, until_stopped
 from .recipe import PruneSettings, Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -419,16 +419,16 @@ def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence
                         sequential: bool, expected_tokens: int,
                         device: torch.device | None) -> list[LayerStats]:
     """Accumulate, then prune every target layer of one block (in groups if ``sequential``)."""
-    input_groups = _execution_groups(block, block_plan.layers, calls[0])
-    passes = [[group] for group in input_groups] if sequential else [input_groups]
+    order = _execution_groups(block, block_plan.layers, calls[0])
+    passes = [[group] for group in order.groups] if sequential else [order.groups]
     stats: list[LayerStats] = []
     for groups in passes:
         feeds = _feeds(groups, expected_tokens, device)
         modules = {feed.layers[0].layer.name: feed.module for feed in feeds}
         accumulators = {feed.layers[0].layer.name: feed.accumulator for feed in feeds}
-        with accumulate_inputs(modules, accumulators):
+        with accumulate_inputs(modules, accumulators, stop_after=_stop_after(feeds, order)):
             for call in calls:
-                call(block)
+                until_stopped(call, block)
         for feed in feeds:
             start = time.perf_counter()
             try:
@@ -446,19 +446,28 @@ def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence
     return stats
 
 
+@dataclass(frozen=True)
+class _ExecutionOrder:
+    """How one forward of a block reaches its target layers."""
+
+    groups: list[list[LayerPlan]]  # fed the same tensor, in the order first reached
+    reached: list[str]  # layer names in the order first called
+    called_once: bool  # no target layer is called twice in one forward
+
+
 def _execution_groups(block: nn.Module, layers: Sequence[LayerPlan],
-                      call: BlockCall) -> list[list[LayerPlan]]:
+                      call: BlockCall) -> _ExecutionOrder:
     """``layers`` grouped by the tensor they are fed, in the order the forward reaches them."""
     seen: list[tuple[str, torch.Tensor]] = []
     modules = {plan.layer.name: plan.layer.module for plan in layers}
     with input_hooks(modules, lambda name, inputs: seen.append((name, inputs))):
         call(block)
     groups: list[tuple[torch.Tensor, list[str]]] = []
-    placed: set[str] = set()
+    reached: list[str] = []
     for name, inputs in seen:
-        if name in placed:
+        if name in reached:
             continue
-        placed.add(name)
+        reached.append(name)
         for tensor, names in groups:
             if tensor is inputs:
                 names.append(name)
@@ -467,10 +476,24 @@ def _execution_groups(block: nn.Module, layers: Sequence[LayerPlan],
             groups.append((inputs, [name]))
     by_name = {plan.layer.name: plan for plan in layers}
     ordered = [[by_name[name] for name in names] for _, names in groups]
-    never_called = [plan for plan in layers if plan.layer.name not in placed]
+    never_called = [plan for plan in layers if plan.layer.name not in reached]
     if never_called:  # their accumulators will see no tokens and say so, naming them
         ordered.append(never_called)
-    return ordered
+    return _ExecutionOrder(groups=ordered, reached=reached,
+                           called_once=len(seen) == len(reached))
+
+
+def _stop_after(feeds: Sequence[_Feed], order: _ExecutionOrder) -> str | None:
+    """The hooked layer the accumulation forward may stop at: the last one reached.
+
+    Nothing after it feeds an accumulator, so the rest of the block (in a Llama block the
+    down_proj product, a quarter of its Linear work) need not run. None when a target layer
+    runs twice per forward (its later calls would be cut off) or a hooked layer never runs.
+    """
+    names = [feed.layers[0].layer.name for feed in feeds]
+    if not order.called_once or not all(name in order.reached for name in names):
+        return None
+    return max(names, key=order.reached.index)
 
 
 def _check_finite_outputs(hidden: torch.Tensor, block_name: str) -> None:

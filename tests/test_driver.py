@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from _tiny_models import hook_snapshot, minilm_folder, no_hooks, tiny_model
+from obs_compress import driver
 from obs_compress.api import oneshot
-from obs_compress.driver import (_execution_groups, build_plan, prune_blocks, prune_model,
-                                 reconstruction_loss)
+from obs_compress.driver import (_execution_groups, _ExecutionOrder, _Feed, _stop_after,
+                                 build_plan, prune_blocks, prune_model, reconstruction_loss)
 from obs_compress.errors import NonFiniteError, RecipeError
 from obs_compress.math.hessian import HessianAccumulator, RecursiveInverseAccumulator
 from obs_compress.math.inverse import undamped_hessian
@@ -151,11 +152,59 @@ def test_sequential_groups_follow_the_forward():
     plan = build_plan(model, None)
     stack = plan.stack
     calls = capture_block_inputs(model, stack, [torch.randint(4, 128, (1, 8))])
-    groups = _execution_groups(stack.modules[0], plan.blocks[0].layers, calls[0])
-    names = [[p.layer.name.split(".", 3)[-1] for p in group] for group in groups]
+    order = _execution_groups(stack.modules[0], plan.blocks[0].layers, calls[0])
+    names = [[p.layer.name.split(".", 3)[-1] for p in group] for group in order.groups]
     assert names == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                      ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert [name.split(".", 3)[-1] for name in order.reached] == [
+        name for group in names for name in group]
+    assert order.called_once
     assert no_hooks(model)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_accumulation_forward_stops_at_the_last_input_it_needs(input_ids, sequential,
+                                                               monkeypatch):
+    model = tiny_model("llama")
+    block = model.model.layers[0]
+    runs = {"down_proj": 0, "q_proj": 0}
+    block.mlp.down_proj.register_forward_hook(lambda *_: runs.__setitem__(
+        "down_proj", runs["down_proj"] + 1))
+    block.self_attn.q_proj.register_forward_hook(lambda *_: runs.__setitem__(
+        "q_proj", runs["q_proj"] + 1))
+    n_batches = 2
+    reference = tiny_model("llama")
+    report = oneshot(model, {"method": "obs_blockwise", "block_size": 8,
+                             "sequential": sequential}, input_ids,
+                     batch_size=input_ids.shape[0] // n_batches, progress=False)
+    # One probe forward (one batch) and the re-forward run down_proj; the accumulation
+    # passes (one, or one per group) stop at its input.
+    assert runs["down_proj"] == 1 + n_batches
+    assert runs["q_proj"] == 1 + n_batches * (4 if sequential else 2)
+    # The Hessians are those of the full forward: the same result as with no early stop.
+    monkeypatch.setattr(driver, "_stop_after", lambda feeds, order: None)
+    expected = oneshot(reference, {"method": "obs_blockwise", "block_size": 8,
+                                   "sequential": sequential}, input_ids,
+                       batch_size=input_ids.shape[0] // n_batches, progress=False)
+    assert [s.reconstruction_loss for s in report.layers] == [
+        s.reconstruction_loss for s in expected.layers]
+    for name, param in model.named_parameters():
+        assert torch.equal(param, reference.get_parameter(name)), name
+
+
+def test_no_early_stop_when_a_target_layer_runs_twice():
+    model = tiny_model("llama")
+    plan = build_plan(model, None)
+    layers = plan.blocks[0].layers
+    feeds = [_Feed(accumulator=None, module=p.layer.module, layers=[p]) for p in layers]
+    reached = [p.layer.name for p in layers]
+    once = _ExecutionOrder(groups=[[p] for p in layers], reached=reached, called_once=True)
+    assert _stop_after(feeds, once) == reached[-1]
+    twice = _ExecutionOrder(groups=[[p] for p in layers], reached=reached, called_once=False)
+    assert _stop_after(feeds, twice) is None
+    missing = _ExecutionOrder(groups=[[p] for p in layers], reached=reached[:-1],
+                              called_once=True)
+    assert _stop_after(feeds, missing) is None
 
 
 def test_sequential_pruning_recomputes_inputs(input_ids):

@@ -424,3 +424,31 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     for label, registers_and_stack in usage.items():
         if registers_and_stack is not None:
             assert registers_and_stack[1] == 0, f"{label} spills: {registers_and_stack}"
+
+
+@pytest.mark.parametrize("group", [(0, 0), (4, 2)])
+def test_step_weights_are_the_weights_after_each_step(group):
+    group_size, group_prune = group
+    weight, inverse = block_problem(9, 16, seed=21, dtype=torch.float64)
+    steps = 8
+    counts = torch.tensor([8, 8, 3, 0, 8, 5, 8, 1, 8])  # rows stopping early keep their weights
+    traced = greedy_obs_torch(weight, inverse, counts, steps, group_size=group_size,
+                              group_prune=group_prune, keep_step_weights=True)
+    assert traced.step_weights.shape == (9, steps + 1, 16)
+    assert torch.equal(traced.step_weights[:, 0], weight)
+    for k in range(steps + 1):
+        stopped = greedy_obs_torch(weight, inverse, counts.clamp(max=k), steps,
+                                   group_size=group_size, group_prune=group_prune)
+        # Residue of later compensations sits on pruned entries; the kept ones must match.
+        torch.testing.assert_close(traced.step_weights[:, k].masked_fill(stopped.mask, 0),
+                                   stopped.weight, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(traced.step_weights[:, steps].masked_fill(traced.mask, 0),
+                               traced.weight, rtol=0, atol=0)
+    assert greedy_obs_torch(weight, inverse, counts, steps).step_weights is None
+
+
+def test_step_weights_are_refused_by_the_triton_backend():
+    weight, inverse = block_problem(2, 8, seed=3)
+    with pytest.raises(ValueError, match="keep_step_weights is a torch-backend option"):
+        greedy_obs(weight, inverse, torch.tensor([2, 2]), 2, backend="triton",
+                   keep_step_weights=True)

@@ -27,6 +27,21 @@ def test_accumulator_streams_batches_of_any_shape(inputs):
     torch.testing.assert_close(curvature.hessian, expected, rtol=1e-6, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("d_in", [255, 256, 301])
+def test_wide_accumulator_sums_the_upper_triangle_and_mirrors_it(d_in):
+    from obs_compress.math import hessian as hessian_module
+    g = torch.Generator().manual_seed(1)
+    x = correlated_inputs(700, d_in, generator=g)
+    acc = HessianAccumulator(d_in, dtype=torch.float64)
+    assert len(acc._panels) == (hessian_module.TRIANGLE_PANELS
+                                if d_in >= hessian_module.TRIANGLE_MIN_WIDTH else 1)
+    acc.add_batch(x[:300])
+    acc.add_batch(x[300:].reshape(4, 100, d_in))
+    hessian = acc.finalize().hessian
+    assert torch.equal(hessian, hessian.T)
+    torch.testing.assert_close(hessian, 2 * x.T @ x / 700, rtol=1e-10, atol=1e-10)
+
 def test_accumulator_default_fp32_and_fp64_on_request(inputs):
     assert HessianAccumulator(20).finalize.__self__.sum_outer.dtype == torch.float32
     acc = HessianAccumulator(20, dtype=torch.float64)

@@ -8,7 +8,8 @@ from torch import nn
 
 from _tiny_models import no_hooks, tiny_model
 from obs_compress.math.hessian import HessianAccumulator
-from obs_compress.model.hooks import accumulate_inputs, on_device, outside_on_device
+from obs_compress.model.hooks import (accumulate_inputs, on_device, outside_on_device,
+                                      until_stopped)
 
 
 def test_accumulators_see_each_layers_inputs():
@@ -24,6 +25,29 @@ def test_accumulators_see_each_layers_inputs():
     torch.testing.assert_close(accumulators["0"].finalize().hessian, 2 * flat.T @ flat / 28)
     torch.testing.assert_close(accumulators["2"].finalize().hessian, 2 * hidden.T @ hidden / 28)
 
+
+
+def test_stop_after_feeds_the_last_input_and_runs_nothing_after_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU())
+    ran = []
+    model[2].register_forward_hook(lambda *_: ran.append("2"))
+    model[3].register_forward_hook(lambda *_: ran.append("3"))
+    accumulators = {"0": HessianAccumulator(6), "2": HessianAccumulator(5)}
+    x = torch.randn(4, 7, 6)
+    with accumulate_inputs({"0": model[0], "2": model[2]}, accumulators, stop_after="2"):
+        until_stopped(model, x)
+        until_stopped(model, x)
+    assert ran == []  # neither the stopping layer nor anything after it ran
+    flat = x.reshape(-1, 6)
+    hidden = torch.relu(model[0](flat))
+    assert accumulators["2"].n_tokens == 56
+    torch.testing.assert_close(accumulators["2"].finalize().hessian, 2 * hidden.T @ hidden / 28)
+    model(x)  # hooks gone: the whole forward runs again
+    assert ran == ["2", "3"]
+    with pytest.raises(KeyError, match="stop_after"):
+        with accumulate_inputs({"0": model[0]}, accumulators, stop_after="2"):
+            pass
 
 def test_hooks_are_removed_on_error():
     model = nn.Sequential(nn.Linear(6, 5))

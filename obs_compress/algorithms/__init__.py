@@ -143,7 +143,8 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     if refit:
         # obs_exact's weights already are the optimum of its mask under the damped H.
         if method != "obs_exact":
-            pruned = refit_kept_weights(original, mask, prepared.hessian, initial=pruned)
+            pruned = refit_kept_weights(original, mask, prepared.hessian, initial=pruned,
+                                        hessian_inverse=prepared.hessian_inverse)
         loss = None
     if loss is None:
         loss = (row_losses(pruned - original, loss_hessian) if loss_hessian is not None

@@ -11,8 +11,14 @@ For one row with pruned set ``P`` and kept set ``K``, the quadratic
 (set the gradient on ``K`` to zero). Every row has its own ``K``, so the systems are
 batched with the pruned coordinates replaced by the identity:
 ``A = diag(k) H diag(k) + diag(1 - k)`` with ``k`` the keep indicator. Solved directly
-(batched Cholesky) when the width is small, else by Jacobi-preconditioned conjugate
-gradient batched over rows and run to convergence (Meng et al. 2024, ALPS, sec. 3.3).
+(batched Cholesky) when the width is small, else by preconditioned conjugate gradient
+batched over rows and run to convergence (Meng et al. 2024, ALPS, sec. 3.3).
+
+The preconditioner is ``[H^-1]_KK`` when the solver has ``H^-1`` at hand (it always has, after
+OBS): ``[H^-1]_KK H_KK = I - [H^-1]_KP H_PK``, which is the identity when nothing is pruned
+and stays far better conditioned than ``H_KK`` itself. On SmolLM2's Hessians it needs 14-26
+iterations where Jacobi (``diag(H)``, the fallback) needs 45-200, for about 2-4x less time
+at one more product per iteration.
 """
 
 from __future__ import annotations
@@ -23,8 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Above this width Jacobi-CG (about 35-70 iterations on real SmolLM2 Hessians) beats the
-# batched Cholesky by several times on CPU.
+# Above this width conjugate gradient beats the batched Cholesky by several times on CPU.
 DIRECT_MAX_WIDTH = 256
 # Elements of the batched (rows, d_in, d_in) systems held at once by the direct path.
 DIRECT_CHUNK_ELEMENTS = 1 << 25
@@ -57,10 +62,18 @@ def _refit_direct(weight, mask, hessian):
     return (weight + change) * keep
 
 
-def _refit_conjugate_gradient(weight, mask, hessian, tolerance, max_iterations, initial=None):
+def _refit_conjugate_gradient(weight, mask, hessian, tolerance, max_iterations, initial=None,
+                              hessian_inverse=None):
     keep = (~mask).to(weight.dtype)
     right_hand = ((weight * mask) @ hessian) * keep
-    preconditioner = torch.diagonal(hessian).clamp_min(torch.finfo(weight.dtype).tiny)
+    if hessian_inverse is not None:
+        def precondition(residual):
+            return (residual @ hessian_inverse) * keep  # [H^-1]_KK r, 0 on P
+    else:
+        diagonal = torch.diagonal(hessian).clamp_min(torch.finfo(weight.dtype).tiny)
+
+        def precondition(residual):
+            return residual / diagonal
     if initial is None:
         solution = torch.zeros_like(weight)
         residual = right_hand.clone()
@@ -68,7 +81,7 @@ def _refit_conjugate_gradient(weight, mask, hessian, tolerance, max_iterations, 
         # The unknown is the change of the kept weights; a solver's result is a close guess.
         solution = (initial - weight) * keep
         residual = right_hand - (solution @ hessian) * keep
-    z = residual / preconditioner
+    z = precondition(residual)
     direction = z.clone()
     rz = (residual * z).sum(1)
     norm_rhs = right_hand.norm(dim=1).clamp_min(torch.finfo(weight.dtype).tiny)
@@ -81,7 +94,7 @@ def _refit_conjugate_gradient(weight, mask, hessian, tolerance, max_iterations, 
         residual.sub_(step[:, None] * product)
         if (residual.norm(dim=1) / norm_rhs).max().item() < tolerance:
             break
-        z = residual / preconditioner
+        z = precondition(residual)
         rz_next = (residual * z).sum(1)
         beta = torch.where(rz > 0, rz_next / rz, torch.zeros_like(rz))
         direction = z + beta[:, None] * direction
@@ -97,14 +110,17 @@ def _refit_conjugate_gradient(weight, mask, hessian, tolerance, max_iterations, 
 def refit_kept_weights(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, *,
                        solver: str = "auto", tolerance: float | None = None,
                        max_iterations: int = 2000,
-                       initial: torch.Tensor | None = None) -> torch.Tensor:
+                       initial: torch.Tensor | None = None,
+                       hessian_inverse: torch.Tensor | None = None) -> torch.Tensor:
     """The least-squares optimum of ``weight``'s kept entries for ``mask`` (pruned = 0).
 
     ``weight`` is the ORIGINAL dense weight (the target of the reconstruction), ``hessian``
     the (damped) ``H``. ``solver``: ``"direct"``, ``"cg"`` or ``"auto"`` (direct up to
     ``DIRECT_MAX_WIDTH`` inputs). ``initial``: a pruned weight to start conjugate gradient
-    from (an OBS solver's result is already near the optimum, so fewer iterations run). The
-    tolerance is on the residual relative to the right-hand side, whatever the start.
+    from (an OBS solver's result is already near the optimum, so fewer iterations run).
+    ``hessian_inverse``: the inverse of ``hessian``, the conjugate gradient's preconditioner
+    (Jacobi without it). The tolerance is on the residual relative to the right-hand side,
+    whatever the start.
     """
     if solver == "auto":
         solver = "direct" if weight.shape[1] <= DIRECT_MAX_WIDTH else "cg"
@@ -114,5 +130,5 @@ def refit_kept_weights(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.
         if tolerance is None:
             tolerance = 1e-10 if weight.dtype == torch.float64 else 1e-3
         return _refit_conjugate_gradient(weight, mask, hessian, tolerance, max_iterations,
-                                         initial)
+                                         initial, hessian_inverse)
     raise ValueError(f"solver must be 'auto', 'direct' or 'cg', got {solver!r}")

@@ -21,17 +21,30 @@ class InputAccumulator(Protocol):
     def add_batch(self, inputs: torch.Tensor) -> None: ...
 
 
+class StopForward(Exception):
+    """Raised from a hook once a forward has delivered every input it was run for."""
+
+
+def until_stopped(forward: Callable[..., object], *args, **kwargs) -> None:
+    """Call ``forward``; a :class:`StopForward` from a hook ends it early, quietly."""
+    try:
+        forward(*args, **kwargs)
+    except StopForward:
+        pass
+
+
 @contextmanager
 def input_hooks(modules: Mapping[str, nn.Module],
                 callback: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """While active, ``callback(name, X)`` runs with each module's first input on every call."""
+    """While active, ``callback(name, X)`` runs with each module's first input on every
+    call, before the module runs (so a callback may raise :class:`StopForward`)."""
     handles = []
     try:
         for name, module in modules.items():
-            def hook(_module, args, kwargs, _output, name=name):
+            def hook(_module, args, kwargs, name=name):
                 # Linear/Conv1D take one input, positional in every transformers model.
                 callback(name, args[0] if args else next(iter(kwargs.values())))
-            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -40,10 +53,21 @@ def input_hooks(modules: Mapping[str, nn.Module],
 
 @contextmanager
 def accumulate_inputs(modules: Mapping[str, nn.Module],
-                      accumulators: Mapping[str, InputAccumulator]) -> Iterator[None]:
-    """While active, every call of ``modules[name]`` feeds its input to ``accumulators[name]``."""
+                      accumulators: Mapping[str, InputAccumulator], *,
+                      stop_after: str | None = None) -> Iterator[None]:
+    """While active, every call of ``modules[name]`` feeds its input to ``accumulators[name]``.
+
+    ``stop_after``: once that module's input is fed, raise :class:`StopForward` instead of
+    running it and the rest of the forward (run forwards through :func:`until_stopped`). Only
+    for a module called once per forward, the last of ``modules`` to be reached.
+    """
+    if stop_after is not None and stop_after not in modules:
+        raise KeyError(f"stop_after {stop_after!r} is not one of the hooked modules")
+
     def feed(name: str, inputs: torch.Tensor) -> None:
         accumulators[name].add_batch(inputs.detach())
+        if name == stop_after:
+            raise StopForward
 
     with input_hooks(modules, feed):
         yield
@@ -112,5 +136,5 @@ def outside_on_device(model: nn.Module, excluded: nn.Module,
         yield
 
 
-__all__ = ["InputAccumulator", "accumulate_inputs", "input_hooks", "on_device",
-           "outside_on_device"]
+__all__ = ["InputAccumulator", "StopForward", "accumulate_inputs", "input_hooks", "on_device",
+           "outside_on_device", "until_stopped"]
