@@ -353,35 +353,51 @@ def _named(error: ObsCompressError, name: str) -> ObsCompressError:
         return error
 
 
-def _prune_layer(plan: LayerPlan, curvature: Curvature, hessian: torch.Tensor,
-                 prepared_cache: dict, block_index: int,
-                 extra_seconds: float = 0.0) -> LayerStats:
-    """Prune one layer in place; ``hessian`` is the undamped ``H`` that measures the loss,
-    ``prepared_cache`` is shared by the layers of one accumulator."""
-    layer, settings = plan.layer, plan.settings
-    # Contiguous: a Conv1D weight arrives as a transposed view, and solvers may .view() it.
-    weight = layer.weight_matrix().contiguous()
-    curvature = replace(curvature, name=layer.name)  # errors name this layer
+def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature, hessian: torch.Tensor,
+                  prepared_cache: dict, block_index: int,
+                  extra_seconds: float = 0.0) -> list[LayerStats]:
+    """Prune layers fed the same inputs with the same settings in place, in one solve.
+
+    Their weights are stacked by rows (``prune_weight``'s ``row_groups``: every layer still
+    reaches its own sparsity), so q/k/v or gate/up cost one pass of the solver's per-step
+    calls instead of one each. ``hessian`` is the undamped ``H`` that measures the loss,
+    ``prepared_cache`` is shared by the layers of one accumulator. The solve's seconds are
+    split over the layers by their share of the rows.
+    """
+    settings = plans[0].settings
+    names = ", ".join(plan.layer.name for plan in plans)
+    # Contiguous: a Conv1D weight arrives as a transposed view.
+    weights = [plan.layer.weight_matrix().contiguous() for plan in plans]
+    rows = [weight.shape[0] for weight in weights]
+    stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+    curvature = replace(curvature, name=names)  # errors name these layers
     start = time.perf_counter()
     try:
-        result = prune_weight(weight, curvature, prepared_cache=prepared_cache,
+        result = prune_weight(stacked, curvature, prepared_cache=prepared_cache,
+                              row_groups=rows if len(plans) > 1 else None,
                               **settings.prune_kwargs())
     except ObsCompressError as exc:
-        raise _named(exc, layer.name) from exc
+        raise _named(exc, names) from exc
     seconds = time.perf_counter() - start + extra_seconds
-    if not torch.isfinite(result.weight).all():
-        raise NonFiniteError(f"layer {layer.name}: pruning produced NaN or infinity; raise "
-                             f"dampening_frac (now {settings.dampening_frac}) or give more "
-                             "calibration samples")
-    measured = reconstruction_loss(result.weight - weight, hessian)
-    n_pruned = int(result.mask.sum().item())
-    layer.set_weight_(result.weight)
-    return LayerStats(name=layer.name, block=block_index, shape=layer.shape,
-                      method=settings.method, pattern=settings.pattern,
-                      target_sparsity=settings.sparsity,
-                      sparsity=n_pruned / result.mask.numel(), n_pruned=n_pruned,
-                      predicted_loss=result.loss.sum().item(), reconstruction_loss=measured,
-                      n_tokens=curvature.n_tokens, seconds=seconds)
+    stats = []
+    for plan, weight, new_weight, mask, loss in zip(
+            plans, weights, result.weight.split(rows), result.mask.split(rows),
+            result.loss.split(rows)):
+        layer = plan.layer
+        if not torch.isfinite(new_weight).all():
+            raise NonFiniteError(f"layer {layer.name}: pruning produced NaN or infinity; raise "
+                                 f"dampening_frac (now {settings.dampening_frac}) or give more "
+                                 "calibration samples")
+        measured = reconstruction_loss(new_weight - weight, hessian)
+        n_pruned = int(mask.sum().item())
+        layer.set_weight_(new_weight)
+        stats.append(LayerStats(
+            name=layer.name, block=block_index, shape=layer.shape, method=settings.method,
+            pattern=settings.pattern, target_sparsity=settings.sparsity,
+            sparsity=n_pruned / mask.numel(), n_pruned=n_pruned,
+            predicted_loss=loss.sum().item(), reconstruction_loss=measured,
+            n_tokens=curvature.n_tokens, seconds=seconds * weight.shape[0] / sum(rows)))
+    return stats
 
 
 @dataclass
@@ -416,10 +432,10 @@ def _feeds(input_groups: Sequence[Sequence[LayerPlan]], expected_tokens: int,
 
 
 def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence[BlockCall], *,
-                        sequential: bool, expected_tokens: int,
-                        device: torch.device | None) -> list[LayerStats]:
+                        sequential: bool, expected_tokens: int, device: torch.device | None,
+                        order_cache: dict) -> list[LayerStats]:
     """Accumulate, then prune every target layer of one block (in groups if ``sequential``)."""
-    order = _execution_groups(block, block_plan.layers, calls[0])
+    order = _execution_order(block, block_plan, calls[0], order_cache)
     passes = [[group] for group in order.groups] if sequential else [order.groups]
     stats: list[LayerStats] = []
     for groups in passes:
@@ -438,12 +454,16 @@ def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence
             hessian = undamped_hessian(curvature)
             finalize_seconds = time.perf_counter() - start
             prepared_cache: dict = {}
-            for position, plan in enumerate(feed.layers):
-                stats.append(_prune_layer(plan, curvature, hessian, prepared_cache,
-                                          block_plan.index,
-                                          finalize_seconds if position == 0 else 0.0))
+            alike: dict[PruneSettings, list[LayerPlan]] = {}
+            for plan in feed.layers:
+                alike.setdefault(plan.settings, []).append(plan)
+            for position, plans in enumerate(alike.values()):
+                stats.extend(_prune_layers(plans, curvature, hessian, prepared_cache,
+                                           block_plan.index,
+                                           finalize_seconds if position == 0 else 0.0))
         del feeds, accumulators
-    return stats
+    position = {plan.layer.name: index for index, plan in enumerate(block_plan.layers)}
+    return sorted(stats, key=lambda layer_stats: position[layer_stats.name])
 
 
 @dataclass(frozen=True)
@@ -481,6 +501,29 @@ def _execution_groups(block: nn.Module, layers: Sequence[LayerPlan],
         ordered.append(never_called)
     return _ExecutionOrder(groups=ordered, reached=reached,
                            called_once=len(seen) == len(reached))
+
+
+def _execution_order(block: nn.Module, block_plan: BlockPlan, call: BlockCall,
+                     cache: dict) -> _ExecutionOrder:
+    """:func:`_execution_groups`, probed once per block class and set of target layers.
+
+    Blocks of one class reach their layers in one order, so later blocks take the first
+    one's probe (names relative to the block) instead of running a forward of their own.
+    """
+    prefix = block_plan.name + "."
+    if not all(plan.layer.name.startswith(prefix) for plan in block_plan.layers):
+        return _execution_groups(block, block_plan.layers, call)
+    by_relative = {plan.layer.name[len(prefix):]: plan for plan in block_plan.layers}
+    key = (type(block), frozenset(by_relative))
+    if key not in cache:
+        probed = _execution_groups(block, block_plan.layers, call)
+        cache[key] = ([[plan.layer.name[len(prefix):] for plan in group]
+                       for group in probed.groups],
+                      [name[len(prefix):] for name in probed.reached], probed.called_once)
+        return probed
+    groups, reached, called_once = cache[key]
+    return _ExecutionOrder(groups=[[by_relative[name] for name in group] for group in groups],
+                           reached=[prefix + name for name in reached], called_once=called_once)
 
 
 def _stop_after(feeds: Sequence[_Feed], order: _ExecutionOrder) -> str | None:
@@ -527,6 +570,7 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor, *,
     batches = _batches(input_ids, batch_size)
     expected_tokens = input_ids.numel()
     delay = float(os.environ.get(TEST_BLOCK_DELAY_ENV, "0") or 0)
+    order_cache: dict = {}
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(plan.blocks), desc="pruning", unit="block", disable=not progress)
@@ -540,7 +584,8 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor, *,
                 with on_device(block_plan.module, device) as block:
                     stats = (_prune_block_layers(block, block_plan, calls,
                                                  sequential=sequential,
-                                                 expected_tokens=expected_tokens, device=device)
+                                                 expected_tokens=expected_tokens, device=device,
+                                                 order_cache=order_cache)
                              if block_plan.layers else [])
                     for call in calls:
                         call.hidden_states = call(block)

@@ -327,3 +327,31 @@ def test_layer_allocation_takes_the_traced_weights_or_solves_the_set_alike(metho
     assert torch.equal(solved.mask, traced.mask)
     torch.testing.assert_close(solved.weight, traced.weight, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(solved.loss, traced.loss, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("case", [
+    dict(method="obs_blockwise", block_size=8, refit=True),
+    dict(method="obs_blockwise", block_size=8, pattern="2:4"),
+    dict(method="obs_exact"),
+    dict(method="obd"),
+    dict(method="magnitude"),
+])
+def test_stacked_layers_are_pruned_as_if_alone(case):
+    """Layers sharing one H (q/k/v), stacked by rows: each keeps its own count and result."""
+    weight, x, hessian = layer_problem(7, d_out=17, d_in=32)
+    rows = [8, 4, 5]
+    kwargs = dict(sparsity=0.55, allocation="layer", **case)
+    stacked = prune_weight(weight, hessian, row_groups=rows, **kwargs)
+    for part, mask, new_weight, loss in zip(weight.split(rows), stacked.mask.split(rows),
+                                            stacked.weight.split(rows), stacked.loss.split(rows)):
+        alone = prune_weight(part, hessian, **kwargs)
+        assert torch.equal(mask, alone.mask)
+        torch.testing.assert_close(new_weight, alone.weight, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(loss, alone.loss, rtol=1e-9, atol=1e-12)
+
+
+def test_row_groups_must_cover_the_rows():
+    weight, _, hessian = layer_problem(8, d_out=6)
+    for bad in ([2, 3], [6, 0], [3.0, 3]):
+        with pytest.raises(InvalidArgument, match="row_groups must be positive row counts"):
+            prune_weight(weight, hessian, method="obs_blockwise", sparsity=0.5, row_groups=bad)

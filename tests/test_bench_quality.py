@@ -90,15 +90,15 @@ def test_plan_runs_dense_once_and_the_sweep_without_repeats(bench):
 def test_best_recipe_per_pattern(bench):
     recipes = bench.parse_best_recipes(None)
     for name, file in (("50%", "obs-50.yaml"), ("2:4", "obs-2of4.yaml"),
-                       ("70%", "obs-70-owl.yaml"), ("80%", "obs-70-owl.yaml")):
+                       ("70%", "obs-70.yaml"), ("80%", "obs-70.yaml")):
         path, recipe = bench.resolve_best_recipe(bench.parse_bench_pattern(name), recipes)
         assert path.name == file
         pattern = bench.parse_bench_pattern(name)
         assert recipe.pattern == pattern.recipe_pattern
         if not pattern.is_nm:
             assert math.isclose(recipe.sparsity, pattern.sparsity)
-        # The file's own fields come through: OWL only in the 70% recipe (and 80%, nearest).
-        assert recipe.block_sparsity.method == ("owl" if name in ("70%", "80%") else "uniform")
+        # The file's own fields come through (80% takes the nearest file, 70%'s).
+        assert recipe.block_sparsity.method == "uniform"
         assert (recipe.block_size, recipe.refit) == (32, True)
     spaced = bench.parse_best_recipes([f"2 : 4={bench.RECIPES_DIR / 'obs-2of4.yaml'}"])
     assert list(spaced) == ["2:4"]
@@ -118,8 +118,11 @@ def test_obs_blockwise_runs_the_shipped_recipe_and_best_reuses_it(bench):
     reused = bench.reused_row(bench.Job("best", fifty), results, best_recipes)
     assert reused["same_as"] == "obs_blockwise" and reused["method"] == "best"
     assert reused["wikitext2_ppl"] == 45.0 and reused["recipe_file"].endswith("obs-50.yaml")
-    # 70%: the best recipe (OWL) differs from the shipped uniform one, so it runs.
-    assert bench.reused_row(bench.Job("best", seventy), results, best_recipes) is None
+    assert bench.reused_row(bench.Job("best", seventy), results, best_recipes)["same_as"] \
+        == "obs_blockwise"
+    # A best recipe that differs from the shipped one (OWL) runs on its own.
+    owl = bench.parse_best_recipes([f"70%={bench.RECIPES_DIR / 'obs-70-owl.yaml'}"])
+    assert bench.reused_row(bench.Job("best", seventy), results, owl) is None
     assert bench.reused_row(bench.Job("obd", fifty), results, best_recipes) is None
 
 

@@ -166,12 +166,15 @@ def test_sequential_groups_follow_the_forward():
 def test_accumulation_forward_stops_at_the_last_input_it_needs(input_ids, sequential,
                                                                monkeypatch):
     model = tiny_model("llama")
+    runs = {"down_proj": 0, "q_proj": 0, "later_q_proj": 0}
+
+    def count(key):
+        return lambda *_: runs.__setitem__(key, runs[key] + 1)
+
     block = model.model.layers[0]
-    runs = {"down_proj": 0, "q_proj": 0}
-    block.mlp.down_proj.register_forward_hook(lambda *_: runs.__setitem__(
-        "down_proj", runs["down_proj"] + 1))
-    block.self_attn.q_proj.register_forward_hook(lambda *_: runs.__setitem__(
-        "q_proj", runs["q_proj"] + 1))
+    block.mlp.down_proj.register_forward_hook(count("down_proj"))
+    block.self_attn.q_proj.register_forward_hook(count("q_proj"))
+    model.model.layers[1].self_attn.q_proj.register_forward_hook(count("later_q_proj"))
     n_batches = 2
     reference = tiny_model("llama")
     report = oneshot(model, {"method": "obs_blockwise", "block_size": 8,
@@ -181,6 +184,8 @@ def test_accumulation_forward_stops_at_the_last_input_it_needs(input_ids, sequen
     # passes (one, or one per group) stop at its input.
     assert runs["down_proj"] == 1 + n_batches
     assert runs["q_proj"] == 1 + n_batches * (4 if sequential else 2)
+    # Block 1, of the same class, reuses block 0's probe.
+    assert runs["later_q_proj"] == n_batches * (4 if sequential else 2)
     # The Hessians are those of the full forward: the same result as with no early stop.
     monkeypatch.setattr(driver, "_stop_after", lambda feeds, order: None)
     expected = oneshot(reference, {"method": "obs_blockwise", "block_size": 8,
@@ -397,3 +402,38 @@ def test_minilm_obd_50(data_dir):
     with torch.no_grad():
         encoded = tokenizer(["pruned sentence embeddings still run"], return_tensors="pt")
         assert torch.isfinite(model(**encoded).last_hidden_state).all()
+
+
+def test_layers_sharing_inputs_and_settings_are_solved_together(input_ids, monkeypatch):
+    calls = []
+    solve = driver.prune_weight
+
+    def counting(weight, curvature, **kwargs):
+        calls.append((curvature.name, kwargs.get("row_groups")))
+        return solve(weight, curvature, **kwargs)
+
+    monkeypatch.setattr(driver, "prune_weight", counting)
+    recipe = {"method": "obs_blockwise", "block_size": 8,
+              "overrides": [{"targets": ["k_proj"], "sparsity": 0.25}]}
+    model = tiny_model("llama")
+    before = snapshot(model)
+    report = oneshot(model, recipe, input_ids, progress=False)
+    assert_pruned_exactly(model, before, report)
+    block_calls = [(name.replace("model.layers.0.", ""), groups) for name, groups in calls
+                   if name.startswith("model.layers.0.")]
+    hidden, intermediate = model.config.hidden_size, model.config.intermediate_size
+    kv_rows = model.config.num_key_value_heads * hidden // model.config.num_attention_heads
+    assert block_calls == [
+        ("self_attn.q_proj, self_attn.v_proj", [hidden, kv_rows]),
+        ("self_attn.k_proj", None),
+        ("self_attn.o_proj", None),
+        ("mlp.gate_proj, mlp.up_proj", [intermediate, intermediate]),
+        ("mlp.down_proj", None)]
+    sparsity = {s.name.replace("model.layers.0.", ""): s.sparsity for s in report.layers
+                if s.block == 0}
+    assert sparsity["self_attn.k_proj"] == pytest.approx(0.25, abs=1e-3)
+    assert sparsity["self_attn.v_proj"] == pytest.approx(0.5, abs=1e-3)
+    assert [s.name for s in report.layers if s.block == 0] == [
+        f"model.layers.0.{name}" for name in ("self_attn.q_proj", "self_attn.k_proj",
+                                             "self_attn.v_proj", "self_attn.o_proj",
+                                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]

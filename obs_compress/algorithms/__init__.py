@@ -8,6 +8,7 @@ Never sees ``nn.Module``, files or transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -68,8 +69,8 @@ def _check_arguments(weight, hessian, method, allocation, block_size, backend):
 def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None, *, method: str,
                  sparsity: float, pattern: str = "unstructured", allocation: str = "layer",
                  block_size: int = 128, dampening_frac: float = 0.01, refit: bool = False,
-                 backend: str = "auto",
-                 prepared_cache: dict | None = None) -> PruneResult:
+                 backend: str = "auto", prepared_cache: dict | None = None,
+                 row_groups: Sequence[int] | None = None) -> PruneResult:
     """Prune one layer's weight with second-order information; inputs are not modified.
 
     ``hessian``: ``H`` (undamped) or a :class:`~obs_compress.math.hessian.Curvature` from an
@@ -82,6 +83,9 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     least-squares optimum of that mask). ``backend``: ``"auto"`` | ``"torch"`` | ``"triton"``.
     ``prepared_cache``: a dict shared by the calls on one ``hessian`` (layers fed the same
     inputs), so that its damped inverse is computed once per ``(dampening_frac, dtype)``.
+    ``row_groups``: ``weight`` is several layers stacked by rows on this one ``hessian``
+    (row counts, summing to ``d_out``), pruned in one pass; each group reaches ``sparsity``
+    on its own (layer allocation allocates within each group), as if pruned alone.
     Work happens in float64 when the weight or Hessian is float64, else float32.
     """
     curvature = _check_arguments(weight, hessian, method, allocation, block_size, backend)
@@ -92,6 +96,11 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     if method == "obs_blockwise" and parsed.is_nm and block_size % parsed.m:
         raise InvalidArgument(f"block_size {block_size} must be a multiple of M={parsed.m} for "
                               f"pattern {parsed}, so that no N:M group straddles two blocks")
+    if row_groups is not None and (
+            any(not isinstance(size, int) or size < 1 for size in row_groups)
+            or sum(row_groups) != weight.shape[0]):
+        raise InvalidArgument(f"row_groups must be positive row counts summing to d_out="
+                              f"{weight.shape[0]}, got {list(row_groups)}")
     if refit and curvature is None:
         raise InvalidArgument("refit needs the Hessian (refit=True with hessian=None)")
     if not isinstance(dampening_frac, (int, float)) or not dampening_frac >= 0:
@@ -123,23 +132,25 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
         loss_hessian = prepared.hessian
 
     loss = None  # measured below with the raw H unless the solver's prediction stands
+    groups = list(row_groups) if row_groups is not None else [weight.shape[0]]
     if method == "magnitude":
-        mask = magnitude(original, sparsity=sparsity, pattern=parsed, allocation=allocation)
+        mask = torch.cat([magnitude(part, sparsity=sparsity, pattern=parsed,
+                                    allocation=allocation) for part in original.split(groups)])
         pruned = original.masked_fill(mask, 0)
     elif method == "obd":
         # Undamped diag(H): dead inputs have H_qq = 0, so they score 0 and go first.
         diagonal = (curvature.hessian_diagonal if curvature.hessian_diagonal is not None
-                    else torch.diagonal(curvature.hessian))
-        mask = obd(original, diagonal.to(dtype), sparsity=sparsity, pattern=parsed,
-                   allocation=allocation)
+                    else torch.diagonal(curvature.hessian)).to(dtype)
+        mask = torch.cat([obd(part, diagonal, sparsity=sparsity, pattern=parsed,
+                              allocation=allocation) for part in original.split(groups)])
         pruned = original.masked_fill(mask, 0)
     elif method == "obs_exact":
         pruned, mask, loss = obs_exact(original, prepared, sparsity=sparsity, pattern=parsed,
-                                       allocation=allocation, backend=backend)
+                                       allocation=allocation, backend=backend, row_groups=groups)
     else:
         pruned, mask, loss = obs_blockwise(original, prepared, sparsity=sparsity, pattern=parsed,
                                            allocation=allocation, block_size=block_size,
-                                           backend=backend)
+                                           backend=backend, row_groups=groups)
     if refit:
         # obs_exact's weights already are the optimum of its mask under the damped H.
         if method != "obs_exact":

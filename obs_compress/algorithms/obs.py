@@ -18,11 +18,15 @@ upper triangular; a block ``F`` of columns, ``R`` the columns after it.
 Allocation: ``row`` gives every row the same count; ``layer`` lets rows differ, choosing
 the counts from each row's greedy loss trace (the smallest increments over the layer, or
 over the block for the blockwise solver, as SparseGPT's per-block threshold does).
+``row_groups``: the rows are several layers stacked on one Hessian (q/k/v, gate/up), solved
+in one pass; layer allocation then counts and allocates within each group, so every layer
+keeps its own sparsity.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -76,9 +80,13 @@ def remove_set(weight: torch.Tensor, hessian_inverse: torch.Tensor,
     return result.masked_fill(mask, 0)
 
 
-def _greedy_block(weight, hessian_inverse, free, *, total, rows_count, pattern, allocation,
-                  backend):
-    """Greedy OBS on one block for every row; returns (weight, mask, per-row loss)."""
+def _greedy_block(weight, hessian_inverse, free, *, totals, groups, rows_count, pattern,
+                  allocation, backend):
+    """Greedy OBS on one block for every row; returns (weight, mask, per-row loss).
+
+    ``groups``: sizes of the row groups (layers stacked on one Hessian), ``totals`` the
+    count each must prune here under layer allocation.
+    """
     rows, width = weight.shape
     if pattern.is_nm:
         steps = width // pattern.m * pattern.pruned_per_group
@@ -91,16 +99,18 @@ def _greedy_block(weight, hessian_inverse, free, *, total, rows_count, pattern, 
         result = greedy_obs(weight, hessian_inverse, counts, rows_count, free_columns=free,
                             backend=backend)
     else:
-        if total == 0:
+        if sum(totals) == 0:
             counts = torch.zeros(rows, dtype=torch.long, device=weight.device)
             return weight.clone(), torch.zeros_like(weight, dtype=torch.bool), counts.to(weight.dtype)
-        cap = min(width, max(1, math.ceil(ROW_COUNT_CAP * total / rows)))
+        cap = min(width, max(1, max(math.ceil(ROW_COUNT_CAP * total / size)
+                                    for total, size in zip(totals, groups))))
         full = torch.full((rows,), cap, dtype=torch.long, device=weight.device)
         keep_steps = (resolve_backend(backend, weight) == "torch"
                       and rows * (cap + 1) * width <= STEP_WEIGHTS_ELEMENTS)
         trace = greedy_obs(weight, hessian_inverse, full, cap, free_columns=free, backend=backend,
                            keep_step_weights=keep_steps)
-        counts = allocate_by_increments(trace.step_loss, total)
+        counts = torch.cat([allocate_by_increments(group_loss, total) for group_loss, total
+                            in zip(trace.step_loss.split(groups), totals)])
         mask = _prefix_mask(trace.order, counts, width)
         steps = torch.arange(cap, device=weight.device)
         loss = (trace.step_loss * (steps[None, :] < counts[:, None])).sum(dim=1)
@@ -112,17 +122,21 @@ def _greedy_block(weight, hessian_inverse, free, *, total, rows_count, pattern, 
 
 
 def obs_exact(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsity: float,
-              pattern: Pattern, allocation: str, backend: str = "auto"):
+              pattern: Pattern, allocation: str, backend: str = "auto",
+              row_groups: Sequence[int] | None = None):
     rows, width = weight.shape
+    groups = list(row_groups) if row_groups is not None else [rows]
     return _greedy_block(weight, curvature.hessian_inverse, curvature.dead_inputs,
-                         total=split_count(width, 0, width, sparsity, rows),
-                         rows_count=split_count(width, 0, width, sparsity),
+                         totals=[split_count(width, 0, width, sparsity, size) for size in groups],
+                         groups=groups, rows_count=split_count(width, 0, width, sparsity),
                          pattern=pattern, allocation=allocation, backend=backend)
 
 
 def obs_blockwise(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsity: float,
-                  pattern: Pattern, allocation: str, block_size: int, backend: str = "auto"):
+                  pattern: Pattern, allocation: str, block_size: int, backend: str = "auto",
+                  row_groups: Sequence[int] | None = None):
     rows, width = weight.shape
+    groups = list(row_groups) if row_groups is not None else [rows]
     upper = curvature.upper_factor
     dead = curvature.dead_inputs
     result = weight.clone()
@@ -135,8 +149,8 @@ def obs_blockwise(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsit
         before = result[:, col_start:col_end]
         after, block_mask, block_loss = _greedy_block(
             before, block_inverse, dead[col_start:col_end],
-            total=split_count(width, col_start, col_end, sparsity, rows),
-            rows_count=split_count(width, col_start, col_end, sparsity),
+            totals=[split_count(width, col_start, col_end, sparsity, size) for size in groups],
+            groups=groups, rows_count=split_count(width, col_start, col_end, sparsity),
             pattern=pattern, allocation=allocation, backend=backend)
         if col_end < width:
             # W_R += D U_FF^-1 U_FR: the optimal response of the free columns to D.
