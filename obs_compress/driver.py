@@ -16,7 +16,9 @@ walk the blocks"), written once for every model ``transformers`` loads:
    the order the forward reaches them (layers fed the same tensor form one group: q/k/v,
    then o_proj, then gate/up, then down_proj in a Llama block), each group's Hessians taken
    from inputs recomputed with the earlier groups already pruned. Layers fed the same tensor
-   share one Hessian accumulator either way.
+   share one Hessian accumulator either way, and those with equal settings one stacked solve
+   (each still reaching its own sparsity). The accumulation forward stops at the last input
+   it needs.
    With ``block_sparsity: owl`` a dense pass over every block comes first
    (:func:`block_input_norms`, on the first calibration samples) and :func:`owl_plan`
    moves each block's unstructured sparsity by its outlier fraction, same total.
