@@ -99,6 +99,7 @@ def build_plan(model: nn.Module, recipe: Recipe | Any) -> PrunePlan:
 
     Candidates are the prunable layers inside the block stack (so never ``lm_head``,
     embeddings or norms); ``targets``/``ignore`` select among them; overrides apply in order.
+    A target weight holding NaN or infinity is refused here, with its layer named.
     """
     recipe = load_recipe(recipe)
     stack = find_block_stack(model)
@@ -117,6 +118,12 @@ def build_plan(model: nn.Module, recipe: Recipe | Any) -> PrunePlan:
                 f"no target layer; target layers are named like: "
                 f"{', '.join(layer.name for _, layer in chosen[:6])}")
     blocks = []
+    for _, layer in chosen:
+        # Before any forward: a broken weight would otherwise surface as non-finite inputs
+        # of a later layer, which would be named instead.
+        if not torch.isfinite(layer.weight_matrix()).all():
+            raise NonFiniteError(f"layer {layer.name}: the weight holds NaN or infinity; the "
+                                 "checkpoint is broken, refusing to prune it")
     for index, block in enumerate(stack.modules):
         layers = []
         for block_index, layer in chosen:
@@ -512,9 +519,7 @@ def _execution_order(block: nn.Module, block_plan: BlockPlan, call: BlockCall,
     Blocks of one class reach their layers in one order, so later blocks take the first
     one's probe (names relative to the block) instead of running a forward of their own.
     """
-    prefix = block_plan.name + "."
-    if not all(plan.layer.name.startswith(prefix) for plan in block_plan.layers):
-        return _execution_groups(block, block_plan.layers, call)
+    prefix = block_plan.name + "."  # find_layers names every layer prefix + path
     by_relative = {plan.layer.name[len(prefix):]: plan for plan in block_plan.layers}
     key = (type(block), frozenset(by_relative))
     if key not in cache:

@@ -71,7 +71,6 @@ def test_refit_warm_start_reaches_the_same_optimum():
     assert not torch.allclose(cold, direct, rtol=1e-4, atol=1e-4)
 
 
-
 def test_refit_preconditioned_by_the_inverse_matches_direct_solve_in_fewer_iterations():
     from obs_compress.algorithms.refit import refit_kept_weights
     weight, x, hessian = layer_problem(5, d_in=64)

@@ -337,6 +337,20 @@ def test_non_finite_weight_is_refused_with_the_layer_named(input_ids):
     assert no_hooks(model) and not model.training
 
 
+def test_non_finite_weight_mid_block_is_named_itself_before_any_work(input_ids):
+    model = tiny_model("llama")
+    with torch.no_grad():  # feeds down_proj; solved stacked with gate_proj
+        model.model.layers[0].mlp.up_proj.weight[2, 1] = float("inf")
+    before = snapshot(model)
+    with pytest.raises(NonFiniteError, match=r"layer model\.layers\.0\.mlp\.up_proj: the "
+                                             r"weight holds NaN") as info:
+        oneshot(model, {"method": "obs_blockwise", "block_size": 8}, input_ids, progress=False)
+    assert "down_proj" not in str(info.value) and "gate_proj" not in str(info.value)
+    for name, tensor in model.state_dict().items():  # refused before any weight changed
+        assert torch.equal(tensor, before[name]), name
+    assert no_hooks(model)
+
+
 def test_non_finite_activations_are_refused_with_the_layer_named(input_ids):
     model = tiny_model("llama")
     with torch.no_grad():

@@ -431,29 +431,32 @@ def block_class_names(model: nn.Module) -> list[str]:
     return sorted({type(block).__name__ for block in find_block_stack(model).modules})
 
 
+def _decoder_layers(model: nn.Module) -> list:
+    """Every prunable layer (Linear, Conv1D) inside the decoder blocks, as the driver sees it."""
+    stack = find_block_stack(model)
+    return [layer for index, block in enumerate(stack.modules)
+            for layer in find_layers(block, stack.block_name(index))]
+
+
 def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every prunable layer (Linear, Conv1D) inside the decoder blocks, by name."""
-    stack = find_block_stack(model)
-    return {layer.name: layer.module for index, block in enumerate(stack.modules)
-            for layer in find_layers(block, stack.block_name(index))}
+    return {layer.name: layer.module for layer in _decoder_layers(model)}
 
 
 def sparsity_check(model: nn.Module, pattern: Pattern | None) -> dict[str, Any]:
     """Achieved sparsity of the decoder's prunable layers, and whether an N:M pattern holds
     in every one (along the input axis)."""
-    stack = find_block_stack(model)
     zeros = total = 0
     per_layer = []
     nm_ok = True
-    for index, block in enumerate(stack.modules):
-        for layer in find_layers(block, stack.block_name(index)):
-            weight = layer.weight_matrix().detach()  # (d_out, d_in), Conv1D too
-            layer_zeros = int((weight == 0).sum())
-            zeros += layer_zeros
-            total += weight.numel()
-            per_layer.append(layer_zeros / weight.numel())
-            if pattern is not None and pattern.is_nm:
-                nm_ok &= nm_holds(weight, pattern.layout, axis=1)
+    for layer in _decoder_layers(model):
+        weight = layer.weight_matrix().detach()  # (d_out, d_in), Conv1D too
+        layer_zeros = int((weight == 0).sum())
+        zeros += layer_zeros
+        total += weight.numel()
+        per_layer.append(layer_zeros / weight.numel())
+        if pattern is not None and pattern.is_nm:
+            nm_ok &= nm_holds(weight, pattern.layout, axis=1)
     check = {"sparsity": zeros / total if total else 0.0,
              "layer_sparsity_min": min(per_layer, default=0.0),
              "layer_sparsity_max": max(per_layer, default=0.0),
@@ -461,7 +464,6 @@ def sparsity_check(model: nn.Module, pattern: Pattern | None) -> dict[str, Any]:
     if pattern is not None and pattern.is_nm:
         check["nm_ok"] = nm_ok
     return check
-
 
 
 # ---- Methods ----------------------------------------------------------------------------------------

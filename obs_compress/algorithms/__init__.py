@@ -132,7 +132,7 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
         loss_hessian = prepared.hessian
 
     loss = None  # measured below with the raw H unless the solver's prediction stands
-    groups = list(row_groups) if row_groups is not None else [weight.shape[0]]
+    groups = list(row_groups or [weight.shape[0]])
     if method == "magnitude":
         mask = torch.cat([magnitude(part, sparsity=sparsity, pattern=parsed,
                                     allocation=allocation) for part in original.split(groups)])

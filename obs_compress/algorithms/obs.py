@@ -80,12 +80,18 @@ def remove_set(weight: torch.Tensor, hessian_inverse: torch.Tensor,
     return result.masked_fill(mask, 0)
 
 
+def _group_totals(width: int, start: int, end: int, sparsity: float,
+                  groups: Sequence[int]) -> list[int]:
+    """Each row group's share of its own layer's count in columns ``[start, end)``."""
+    return [split_count(width, start, end, sparsity, size) for size in groups]
+
+
 def _greedy_block(weight, hessian_inverse, free, *, totals, groups, rows_count, pattern,
                   allocation, backend):
     """Greedy OBS on one block for every row; returns (weight, mask, per-row loss).
 
     ``groups``: sizes of the row groups (layers stacked on one Hessian), ``totals`` the
-    count each must prune here under layer allocation.
+    count each must prune here under layer allocation (:func:`_group_totals`).
     """
     rows, width = weight.shape
     if pattern.is_nm:
@@ -125,9 +131,9 @@ def obs_exact(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsity: f
               pattern: Pattern, allocation: str, backend: str = "auto",
               row_groups: Sequence[int] | None = None):
     rows, width = weight.shape
-    groups = list(row_groups) if row_groups is not None else [rows]
+    groups = row_groups or [rows]
     return _greedy_block(weight, curvature.hessian_inverse, curvature.dead_inputs,
-                         totals=[split_count(width, 0, width, sparsity, size) for size in groups],
+                         totals=_group_totals(width, 0, width, sparsity, groups),
                          groups=groups, rows_count=split_count(width, 0, width, sparsity),
                          pattern=pattern, allocation=allocation, backend=backend)
 
@@ -136,7 +142,7 @@ def obs_blockwise(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsit
                   pattern: Pattern, allocation: str, block_size: int, backend: str = "auto",
                   row_groups: Sequence[int] | None = None):
     rows, width = weight.shape
-    groups = list(row_groups) if row_groups is not None else [rows]
+    groups = row_groups or [rows]
     upper = curvature.upper_factor
     dead = curvature.dead_inputs
     result = weight.clone()
@@ -149,8 +155,8 @@ def obs_blockwise(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsit
         before = result[:, col_start:col_end]
         after, block_mask, block_loss = _greedy_block(
             before, block_inverse, dead[col_start:col_end],
-            totals=[split_count(width, col_start, col_end, sparsity, size) for size in groups],
-            groups=groups, rows_count=split_count(width, col_start, col_end, sparsity),
+            totals=_group_totals(width, col_start, col_end, sparsity, groups), groups=groups,
+            rows_count=split_count(width, col_start, col_end, sparsity),
             pattern=pattern, allocation=allocation, backend=backend)
         if col_end < width:
             # W_R += D U_FF^-1 U_FR: the optimal response of the free columns to D.
