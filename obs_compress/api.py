@@ -9,7 +9,9 @@
 Calibration data (``dataset``) is any of: ``None`` (the recipe's ``calibration.source``),
 a source name or file (``"c4"``, ``"wikitext2"``, ``"self"``, ``.txt``/``.json``/``.jsonl``/
 ``.parquet``), a list of documents, or token ids ``(n_samples, seq_len)`` used as given.
-Text is tokenized and sampled by the protocol of ``../shared/data/README.md``.
+Text is tokenized and sampled by the protocol of ``../shared/data/README.md``. The source
+``"none"`` runs no forward at all; only a magnitude-only recipe accepts it, and its report
+then has no reconstruction loss.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .errors import InvalidArgument
 from .export.checkpoint import check_output_dir
 from .export.checkpoint import save_pretrained as _save_pretrained
 from .model.loading import load_model
-from .recipe import CalibrationSettings, Recipe, load_recipe
+from .recipe import NO_CALIBRATION, CalibrationSettings, Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,18 @@ def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None =
     """
     recipe = load_recipe(recipe)
     plan = build_plan(model, recipe)
+    source = (os.fspath(dataset) if isinstance(dataset, (str, os.PathLike))
+              else recipe.calibration.source if dataset is None else None)
+    if source == NO_CALIBRATION:
+        if recipe.data_needs():
+            raise InvalidArgument(
+                f"dataset {NO_CALIBRATION!r}: {recipe.data_needs_text()} the Hessian of "
+                "calibration inputs; give a calibration source (e.g. c4)")
+        logger.info("no calibration data (magnitude only): pruning %d layers in %d blocks of "
+                    "%s from their weights alone", len(plan.layers), len(plan.blocks),
+                    plan.stack.name)
+        return prune_model(model, plan, None, progress=progress,
+                           model_name=getattr(model, "name_or_path", "") or "")
     if tokenizer is None and not isinstance(dataset, torch.Tensor):
         tokenizer = _tokenizer_for(model)
     input_ids = calibration_input_ids(dataset, tokenizer=tokenizer,

@@ -36,8 +36,8 @@ _PRUNE_EPILOG = textwrap.dedent("""\
     --set calibration.n_samples=32 --set "targets=['mlp']".
 
     Calibration (--dataset): c4 or wikitext2 (the shared data folder, else the hub), a local
-    .txt/.json/.jsonl/.parquet file (its 'text' field), or 'self' (text the model generates,
-    for when no data set is reachable).
+    .txt/.json/.jsonl/.parquet file (its 'text' field), 'self' (text the model generates,
+    for when no data set is reachable), or 'none' (magnitude only: no forward, no loss).
 
     The output is written to a hidden temporary folder beside --out and renamed at the end:
     an interrupted run leaves no --out. The source folder is never modified.
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="the recipe (e.g. recipes/obs-50.yaml)")
     prune.add_argument("--out", required=True, metavar="DIR", help="output folder")
     prune.add_argument("--dataset", metavar="SOURCE",
-                       help="calibration source: c4, wikitext2, self or a file "
+                       help="calibration source: c4, wikitext2, self, none or a file "
                             "(default: the recipe's calibration.source)")
     prune.add_argument("--device", default="auto",
                        help="where each block runs: auto (GPU if any), cpu, cuda, cuda:1 "

@@ -241,8 +241,9 @@ class LayerStats:
     target_sparsity: float
     sparsity: float  # fraction pruned (mask), measured
     n_pruned: int
-    predicted_loss: float  # sum of PruneResult.loss
-    reconstruction_loss: float  # sum over rows of dW H dW^T / 2, undamped H
+    # None when pruned without calibration data (magnitude only): there is no H to measure by.
+    predicted_loss: float | None  # sum of PruneResult.loss
+    reconstruction_loss: float | None  # sum over rows of dW H dW^T / 2, undamped H
     n_tokens: int
     seconds: float
 
@@ -312,13 +313,17 @@ class PruneReport:
         for s in self.layers:
             shape = f"{s.shape[0]}x{s.shape[1]}"
             lines.append(f"{s.name:<{width}}  {shape:>11}  {s.pattern:>12}  {s.sparsity:>8.4f}  "
-                         f"{s.predicted_loss:>10.4g}  {s.reconstruction_loss:>10.4g}  "
-                         f"{s.seconds:>7.2f}")
+                         f"{_loss_text(s.predicted_loss):>10}  "
+                         f"{_loss_text(s.reconstruction_loss):>10}  {s.seconds:>7.2f}")
         lines.append("-" * len(header))
         lines.append(f"{len(self.layers)} layers in {self.n_blocks} blocks: global sparsity "
                      f"{self.global_sparsity:.4f} ({self.pruned:,} of {self.total:,} weights), "
                      f"{self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+def _loss_text(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.4g}"
 
 
 def summarize(results: Sequence[BlockResult], *, n_samples: int, seq_len: int, seconds: float,
@@ -362,8 +367,8 @@ def _named(error: ObsCompressError, name: str) -> ObsCompressError:
         return error
 
 
-def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature, hessian: torch.Tensor,
-                  prepared_cache: dict, block_index: int,
+def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature | None,
+                  hessian: torch.Tensor | None, prepared_cache: dict, block_index: int,
                   extra_seconds: float = 0.0) -> list[LayerStats]:
     """Prune layers fed the same inputs with the same settings in place, in one solve.
 
@@ -371,7 +376,8 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature, hessian: tor
     reaches its own sparsity), so q/k/v or gate/up cost one pass of the solver's per-step
     calls instead of one each. ``hessian`` is the undamped ``H`` that measures the loss,
     ``prepared_cache`` is shared by the layers of one accumulator. The solve's seconds are
-    split over the layers by their share of the rows.
+    split over the layers by their share of the rows. ``curvature`` and ``hessian`` are None
+    for magnitude pruning without calibration data; the losses are then None.
     """
     settings = plans[0].settings
     names = ", ".join(plan.layer.name for plan in plans)
@@ -379,7 +385,8 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature, hessian: tor
     weights = [plan.layer.weight_matrix().contiguous() for plan in plans]
     rows = [weight.shape[0] for weight in weights]
     stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-    curvature = replace(curvature, name=names)  # errors name these layers
+    if curvature is not None:
+        curvature = replace(curvature, name=names)  # errors name these layers
     start = time.perf_counter()
     try:
         result = prune_weight(stacked, curvature, prepared_cache=prepared_cache,
@@ -397,15 +404,16 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature, hessian: tor
             raise NonFiniteError(f"layer {layer.name}: pruning produced NaN or infinity; raise "
                                  f"dampening_frac (now {settings.dampening_frac}) or give more "
                                  "calibration samples")
-        measured = reconstruction_loss(new_weight - weight, hessian)
+        measured = (reconstruction_loss(new_weight - weight, hessian) if hessian is not None
+                    else None)
         n_pruned = int(mask.sum().item())
         layer.set_weight_(new_weight)
         stats.append(LayerStats(
             name=layer.name, block=block_index, shape=layer.shape, method=settings.method,
             pattern=settings.pattern, target_sparsity=settings.sparsity,
             sparsity=n_pruned / mask.numel(), n_pruned=n_pruned,
-            predicted_loss=loss.sum().item(), reconstruction_loss=measured,
-            n_tokens=curvature.n_tokens, seconds=seconds * weight.shape[0] / sum(rows)))
+            predicted_loss=loss.sum().item() if curvature is not None else None,
+            reconstruction_loss=measured, n_tokens=curvature.n_tokens if curvature is not None else 0, seconds=seconds * weight.shape[0] / sum(rows)))
     return stats
 
 
@@ -562,51 +570,86 @@ def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(input_ids.split(batch_size))
 
 
-def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor, *,
+def _check_prunable_without_data(plan: PrunePlan) -> None:
+    needs = [f"{p.layer.name} (method {p.settings.method}{', refit' if p.settings.refit else ''})"
+             for p in plan.layers if p.settings.method != "magnitude" or p.settings.refit]
+    if plan.recipe.block_sparsity.method != "uniform":
+        needs.insert(0, f"block_sparsity {plan.recipe.block_sparsity.method}")
+    if needs:
+        raise InvalidArgument("pruning without calibration data fits only magnitude pruning; "
+                              f"these need the Hessian of calibration inputs: "
+                              f"{', '.join(needs[:4])}{' ...' if len(needs) > 4 else ''}")
+
+
+def _prune_blocks_without_data(plan: PrunePlan) -> Iterator[tuple[BlockPlan, list[LayerStats]]]:
+    """Magnitude pruning from the weights alone: no capture, no forward, no device moves."""
+    for block_plan in plan.blocks:
+        yield block_plan, [stats for layer_plan in block_plan.layers
+                           for stats in _prune_layers([layer_plan], None, None, {},
+                                                      block_plan.index)]
+
+
+def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence[torch.Tensor], *,
+                            expected_tokens: int, device: torch.device | None,
+                            sequential: bool) -> Iterator[tuple[BlockPlan, list[LayerStats]]]:
+    order_cache: dict = {}
+    calls = capture_block_inputs(model, plan.stack, batches, device=device)
+    if plan.recipe.block_sparsity.method == "owl":
+        plan = owl_plan(plan, calls, device)
+    for block_plan in plan.blocks:
+        with on_device(block_plan.module, device) as block:
+            stats = (_prune_block_layers(block, block_plan, calls, sequential=sequential,
+                                         expected_tokens=expected_tokens, device=device,
+                                         order_cache=order_cache)
+                     if block_plan.layers else [])
+            for call in calls:
+                call.hidden_states = call(block)
+                _check_finite_outputs(call.hidden_states, block_plan.name)
+        yield block_plan, stats
+
+
+def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | None, *,
                  device: torch.device | str | None = None, batch_size: int = 8,
                  sequential: bool | None = None, progress: bool = True) -> Iterator[BlockResult]:
     """Prune ``model`` in place, block by block, yielding each :class:`BlockResult` when done.
 
-    ``input_ids: (n_samples, seq_len)`` calibration tokens. ``device``: where each block
-    runs (None: where the model is); only the block being worked on is moved there.
-    ``sequential``: None takes the recipe's. The model is in eval mode meanwhile and gets
-    its training flag back at the end; every hook is removed, even on error.
+    ``input_ids: (n_samples, seq_len)`` calibration tokens, or None to prune from the
+    weights alone (a magnitude-only plan; anything else is refused before any weight
+    changes). ``device``: where each block runs (None: where the model is); only the block
+    being worked on is moved there. ``sequential``: None takes the recipe's. The model is in
+    eval mode meanwhile and gets its training flag back at the end; every hook is removed,
+    even on error.
     """
     sequential = plan.recipe.sequential if sequential is None else sequential
     device = torch.device(device) if device is not None else None
-    batches = _batches(input_ids, batch_size)
-    expected_tokens = input_ids.numel()
+    if input_ids is None:
+        _check_prunable_without_data(plan)
+    else:
+        batches = _batches(input_ids, batch_size)
     delay = float(os.environ.get(TEST_BLOCK_DELAY_ENV, "0") or 0)
-    order_cache: dict = {}
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(plan.blocks), desc="pruning", unit="block", disable=not progress)
     try:
         with torch.no_grad():
-            calls = capture_block_inputs(model, plan.stack, batches, device=device)
-            if plan.recipe.block_sparsity.method == "owl":
-                plan = owl_plan(plan, calls, device)
-            for block_plan in plan.blocks:
-                start = time.perf_counter()
-                with on_device(block_plan.module, device) as block:
-                    stats = (_prune_block_layers(block, block_plan, calls,
-                                                 sequential=sequential,
-                                                 expected_tokens=expected_tokens, device=device,
-                                                 order_cache=order_cache)
-                             if block_plan.layers else [])
-                    for call in calls:
-                        call.hidden_states = call(block)
-                        _check_finite_outputs(call.hidden_states, block_plan.name)
+            blocks = (_prune_blocks_without_data(plan) if input_ids is None else
+                      _prune_blocks_with_data(model, plan, batches,
+                                              expected_tokens=input_ids.numel(), device=device,
+                                              sequential=sequential))
+            start = time.perf_counter()
+            for block_plan, stats in blocks:
                 seconds = time.perf_counter() - start
                 result = BlockResult(index=block_plan.index, name=block_plan.name,
                                      module=block_plan.module, layers=stats, seconds=seconds)
                 _log_block(result, len(plan.blocks))
                 bar.update(1)
-                if stats:
-                    bar.set_postfix(loss=f"{sum(s.predicted_loss for s in stats):.3g}")
+                predicted = [s.predicted_loss for s in stats if s.predicted_loss is not None]
+                if predicted:
+                    bar.set_postfix(loss=f"{sum(predicted):.3g}")
                 if delay:
                     time.sleep(delay)
                 yield result
+                start = time.perf_counter()
     finally:
         bar.close()
         model.train(was_training)
@@ -616,25 +659,28 @@ def _log_block(result: BlockResult, n_blocks: int) -> None:
     if result.layers:
         size = sum(s.shape[0] * s.shape[1] for s in result.layers)
         pruned = sum(s.n_pruned for s in result.layers)
-        logger.info("block %d/%d %s: %d layers, sparsity %.4f, predicted loss %.4g, "
-                    "measured %.4g, %.1f s", result.index + 1, n_blocks, result.name,
-                    len(result.layers), pruned / size,
-                    sum(s.predicted_loss for s in result.layers),
-                    sum(s.reconstruction_loss for s in result.layers), result.seconds)
+        losses = ""
+        if all(s.predicted_loss is not None for s in result.layers):
+            losses = (f", predicted loss {sum(s.predicted_loss for s in result.layers):.4g}, "
+                      f"measured {sum(s.reconstruction_loss for s in result.layers):.4g}")
+        logger.info("block %d/%d %s: %d layers, sparsity %.4f%s, %.1f s", result.index + 1,
+                    n_blocks, result.name, len(result.layers), pruned / size, losses,
+                    result.seconds)
     else:
         logger.info("block %d/%d %s: no target layers, %.1f s", result.index + 1, n_blocks,
                     result.name, result.seconds)
 
 
-def prune_model(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor, *,
+def prune_model(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | None, *,
                 device: torch.device | str | None = None, batch_size: int = 8,
                 sequential: bool | None = None, progress: bool = True,
                 model_name: str = "") -> PruneReport:
-    """Run :func:`prune_blocks` to the end and summarize it."""
+    """Run :func:`prune_blocks` to the end and summarize it (no samples: ``input_ids`` None)."""
     start = time.perf_counter()
     results = list(prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
                                 sequential=sequential, progress=progress))
-    return summarize(results, n_samples=input_ids.shape[0], seq_len=input_ids.shape[1],
+    n_samples, seq_len = input_ids.shape if input_ids is not None else (0, 0)
+    return summarize(results, n_samples=n_samples, seq_len=seq_len,
                      seconds=time.perf_counter() - start, recipe=plan.recipe, model=model_name)
 
 

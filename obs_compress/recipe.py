@@ -108,7 +108,7 @@ class Override:
 class CalibrationSettings:
     """Which text calibrates the Hessians (see ``../shared/data/README.md`` for the protocol)."""
 
-    source: str = "c4"  # c4 | wikitext2 | self | a local .txt/.json/.jsonl/.parquet file
+    source: str = "c4"  # c4 | wikitext2 | self | none | a local .txt/.json/.jsonl/.parquet file
     n_samples: int = 128  # sequences of seq_len tokens
     seq_len: int = 512
     seed: int = 0
@@ -117,6 +117,9 @@ class CalibrationSettings:
 
 
 CALIBRATION_FIELDS = tuple(f.name for f in fields(CalibrationSettings))
+# calibration.source of a recipe that needs no data (magnitude only): no forward runs at
+# all, and the report has no reconstruction loss to give.
+NO_CALIBRATION = "none"
 
 BLOCK_SPARSITY_METHODS = ("uniform", "owl")
 
@@ -164,6 +167,27 @@ class Recipe:
     def settings(self) -> PruneSettings:
         """The recipe-wide prune settings (before overrides)."""
         return PruneSettings(**{name: getattr(self, name) for name in PRUNE_FIELDS})
+
+    def data_needs_text(self) -> str:
+        """:meth:`data_needs` as the subject of a sentence: ``"method obd needs"``."""
+        reasons = self.data_needs()
+        return f"{', '.join(reasons)} {'needs' if len(reasons) == 1 else 'need'}"
+
+    def data_needs(self) -> list[str]:
+        """Why this recipe needs calibration data (empty when it needs none): every method
+        but ``magnitude`` reads the Hessian, so do ``refit`` and OWL's block sparsities."""
+        reasons = []
+        labelled = [("", self.settings)] + [
+            (f"overrides[{index}].", _apply_changes(self.settings, dict(override.changes)))
+            for index, override in enumerate(self.overrides)]
+        for label, settings in labelled:
+            if settings.method != "magnitude":
+                reasons.append(f"{label}method {settings.method}")
+            if settings.refit:
+                reasons.append(f"{label}refit true")
+        if self.block_sparsity.method != "uniform":
+            reasons.append(f"block_sparsity.method {self.block_sparsity.method}")
+        return reasons
 
     def is_target(self, name: str) -> bool:
         """Whether the layer called ``name`` (inside the block stack) is pruned."""
@@ -426,7 +450,13 @@ def _recipe_from_dict(data: Any, origin: str) -> Recipe:
         override = Override(targets=targets, changes=changes)
         _check_consistent(_apply_changes(recipe.settings, dict(changes)), f" ({label})", origin)
         parsed.append(override)
-    return replace(recipe, overrides=tuple(parsed))
+    recipe = replace(recipe, overrides=tuple(parsed))
+    if recipe.calibration.source == NO_CALIBRATION and recipe.data_needs():
+        raise RecipeError(
+            f"recipe{_where(origin)}: calibration.source {NO_CALIBRATION!r} (no calibration "
+            f"data) fits only magnitude pruning, but {recipe.data_needs_text()} the Hessian "
+            "of calibration inputs; set calibration.source (e.g. c4)")
+    return recipe
 
 
 def _section_values(section: str, data: Any, origin: str) -> dict[str, Any]:
@@ -465,7 +495,8 @@ def _calibration_from_dict(data: Any, origin: str) -> CalibrationSettings:
     values = _section_values("calibration", data, origin)
     if "source" in values and (not isinstance(values["source"], str) or not values["source"]):
         raise _bad("calibration.source", values["source"],
-                   "c4, wikitext2, self or the path of a .txt/.json/.jsonl/.parquet file", origin)
+                   f"c4, wikitext2, self, {NO_CALIBRATION} or the path of a "
+                   ".txt/.json/.jsonl/.parquet file", origin)
     minimums = {"n_samples": 1, "seq_len": 2, "seed": 0, "start": 0}
     for name, minimum in minimums.items():
         if name in values and (not _is_int(values[name]) or values[name] < minimum):
@@ -480,5 +511,5 @@ def _calibration_from_dict(data: Any, origin: str) -> CalibrationSettings:
 
 
 __all__ = ["BLOCK_SPARSITY_FIELDS", "BLOCK_SPARSITY_METHODS", "BlockSparsitySettings",
-           "CALIBRATION_FIELDS", "CalibrationSettings", "INVERSES", "Override", "PRUNE_FIELDS",
-           "PruneSettings", "Recipe", "load_recipe"]
+           "CALIBRATION_FIELDS", "CalibrationSettings", "INVERSES", "NO_CALIBRATION", "Override",
+           "PRUNE_FIELDS", "PruneSettings", "Recipe", "load_recipe"]

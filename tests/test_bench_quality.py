@@ -104,6 +104,20 @@ def test_best_recipe_per_pattern(bench):
     assert list(spaced) == ["2:4"]
 
 
+def test_magnitude_is_timed_without_calibration_data(bench):
+    from _tiny_models import tiny_model  # tests/ is on the path (conftest.py)
+
+    recipe = bench.our_recipe("magnitude", bench.parse_bench_pattern("2:4"))
+    assert recipe.calibration.source == "none" and recipe.pattern == "2:4"
+    model = tiny_model("llama")
+    out_of_vocabulary = torch.full((2, 8), 10 ** 6)  # refused, were it read
+    result = bench.prune_ours(model, recipe, out_of_vocabulary, batch_size=1)
+    assert result["report_global_sparsity"] == 0.5
+    with pytest.raises(Exception, match="vocabulary"):
+        bench.prune_ours(model, bench.our_recipe("obd", bench.parse_bench_pattern("2:4")),
+                         out_of_vocabulary, batch_size=1)
+
+
 def test_obs_blockwise_runs_the_shipped_recipe_and_best_reuses_it(bench):
     fifty, seventy = bench.parse_bench_pattern("50%"), bench.parse_bench_pattern("70%")
     shipped = bench.our_recipe("obs_blockwise", fifty)

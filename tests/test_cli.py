@@ -91,6 +91,7 @@ def test_prune_then_inspect_then_eval(workspace, capsys):
     ("missing-model", ["no such folder", "does-not-exist"]),
     ("missing-data", ["no-such.jsonl"]),
     ("pickle", ["--allow-pickle"]),
+    ("no-data-obs", ["dataset 'none'", "method obs_blockwise, refit true need the Hessian"]),
 ])
 def test_errors_are_clear_and_leave_no_output(workspace, capsys, case, words):
     tmp_path, source, calibration = workspace
@@ -111,6 +112,9 @@ def test_errors_are_clear_and_leave_no_output(workspace, capsys, case, words):
         args[args.index("--model") + 1] = str(tmp_path / "does-not-exist")
     elif case == "missing-data":
         args[args.index("--dataset") + 1] = str(tmp_path / "no-such.jsonl")
+    elif case == "no-data-obs":
+        args[args.index("--recipe") + 1] = os.path.join(RECIPES, "obs-50.yaml")
+        args[args.index("--dataset") + 1] = "none"
     elif case == "pickle":
         pickled = tmp_path / "pickled"
         model = tiny_model("llama")
@@ -125,6 +129,22 @@ def test_errors_are_clear_and_leave_no_output(workspace, capsys, case, words):
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert folder_digest(source) == before
+
+
+def test_magnitude_recipe_prunes_without_data(workspace, capsys, monkeypatch):
+    import obs_compress.api as api
+
+    tmp_path, source, _ = workspace
+    monkeypatch.setattr(api, "calibration_input_ids", lambda *a, **k: pytest.fail("read data"))
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    assert main(["prune", "--model", str(source), "--recipe",
+                 os.path.join(RECIPES, "magnitude-50.yaml"), "--out", str(out), "--report",
+                 str(report), "--no-progress"]) == 0
+    assert "global sparsity 0.5000" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert data["n_samples"] == 0 and data["global_sparsity"] == 0.5
+    assert all(layer["predicted_loss"] is None and layer["reconstruction_loss"] is None
+               for layer in data["layers"])
 
 
 def test_existing_output_is_refused_before_the_work(workspace, capsys, monkeypatch):

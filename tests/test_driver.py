@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from obs_compress import driver
 from obs_compress.api import oneshot
 from obs_compress.driver import (_execution_groups, _ExecutionOrder, _Feed, _stop_after,
                                  build_plan, prune_blocks, prune_model, reconstruction_loss)
-from obs_compress.errors import NonFiniteError, RecipeError
+from obs_compress.errors import InvalidArgument, NonFiniteError, RecipeError
 from obs_compress.math.hessian import HessianAccumulator, RecursiveInverseAccumulator
 from obs_compress.math.inverse import undamped_hessian
 from obs_compress.math.masks import prune_count
@@ -383,6 +385,49 @@ def test_prune_model_report(input_ids):
     assert data["recipe"]["sparsity"] == 0.25
     table = report.table()
     assert "encoder.layer.1.output.dense" in table and "global sparsity 0.2500" in table
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_magnitude_without_calibration_data_runs_no_forward(family, monkeypatch):
+    """Source 'none': each target loses its smallest |W| by a threshold over the layer, kept
+    weights are untouched, no forward runs, and the report has no losses."""
+    model = tiny_model(family)
+    before = snapshot(model)
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda module, args: forwards.append(module))
+    monkeypatch.setattr(driver, "capture_block_inputs", lambda *a, **k: pytest.fail("captured"))
+    report = oneshot(model, {"method": "magnitude", "sparsity": 0.5,
+                             "calibration": {"source": "none"}}, progress=False)
+    handle.remove()
+    assert forwards == [] and no_hooks(model)
+    assert report.n_samples == 0 and report.global_sparsity == pytest.approx(0.5, abs=1e-3)
+    assert_pruned_exactly(model, before, report)
+    for stats in report.layers:
+        assert stats.predicted_loss is None and stats.reconstruction_loss is None
+        assert stats.n_tokens == 0
+    for layer_plan in build_plan(model, {"method": "magnitude"}).layers:
+        pruned = layer_plan.layer.weight_matrix()
+        original = before[layer_plan.layer.name + ".weight"].to(pruned.dtype)
+        if family == "gpt2":  # Conv1D stores (d_in, d_out)
+            original = original.T
+        zeroed = pruned == 0
+        assert torch.equal(pruned[~zeroed], original[~zeroed])
+        assert original[zeroed].abs().max() <= original[~zeroed].abs().min()
+    assert "  -  " in report.table() and json.loads(json.dumps(report.to_dict()))
+    assert_runs(model, torch.randint(4, 128, (2, 8)))
+
+
+def test_no_calibration_data_is_refused_for_methods_that_need_it(input_ids):
+    model = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(InvalidArgument, match="dataset 'none': method obd needs the Hessian"):
+        oneshot(model, {"method": "obd"}, "none", progress=False)
+    plan = build_plan(model, {"method": "magnitude", "overrides": [
+        {"targets": ["down_proj"], "method": "obs_blockwise"}]})
+    with pytest.raises(InvalidArgument, match=r"model\.layers\.0\.mlp\.down_proj \(method "
+                                              r"obs_blockwise\)"):
+        list(prune_blocks(model, plan, None, progress=False))
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
 
 
 def test_oneshot_dataset_forms(tmp_path, input_ids):

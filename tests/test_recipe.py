@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from obs_compress.errors import RecipeError
-from obs_compress.recipe import (BLOCK_SPARSITY_FIELDS, CALIBRATION_FIELDS, PRUNE_FIELDS,
-                                 CalibrationSettings, Recipe, load_recipe)
+from obs_compress.recipe import (BLOCK_SPARSITY_FIELDS, CALIBRATION_FIELDS, NO_CALIBRATION,
+                                 PRUNE_FIELDS, CalibrationSettings, Recipe, load_recipe)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = ("obs-50.yaml", "obs-2of4.yaml", "obs-70.yaml", "magnitude-50.yaml")
@@ -139,6 +139,27 @@ def test_inconsistent_fields_are_rejected():
         load_recipe({"block_size": 130, "overrides": [{"targets": ["mlp"], "pattern": "2:4"}]})
     with pytest.raises(RecipeError, match="recursive.*dampening_frac > 0"):
         load_recipe({"inverse": "recursive", "dampening_frac": 0})
+
+
+def test_no_calibration_data_fits_magnitude_only():
+    magnitude = load_recipe(RECIPES / "magnitude-50.yaml")
+    assert magnitude.calibration.source == NO_CALIBRATION and magnitude.data_needs() == []
+    cases = [
+        ({"method": "obs_blockwise"}, r"but method obs_blockwise needs the Hessian"),
+        ({"method": "magnitude", "refit": True}, r"but refit true needs"),
+        ({"method": "magnitude", "overrides": [{"targets": ["mlp"], "method": "obd"}]},
+         r"but overrides\[0\]\.method obd needs"),
+        ({"method": "magnitude", "block_sparsity": {"method": "owl"}},
+         r"but block_sparsity\.method owl needs"),
+    ]
+    for data, message in cases:
+        with pytest.raises(RecipeError, match=r"calibration\.source 'none'.*" + message):
+            load_recipe({**data, "calibration": {"source": NO_CALIBRATION}})
+        assert load_recipe(data).data_needs()  # with a source, the same recipe is fine
+    # --set method=obd on the shipped magnitude recipe is refused, not run without data
+    with pytest.raises(RecipeError, match="set calibration.source"):
+        magnitude.with_updates(["method=obd"])
+    assert magnitude.with_updates(["method=obd", "calibration.source=c4"]).method == "obd"
 
 
 def test_recipe_file_errors(tmp_path):

@@ -108,7 +108,7 @@ from obs_compress.export.inspection import nm_holds
 from obs_compress.math.masks import Pattern as MaskPattern
 from obs_compress.math.masks import parse_pattern
 from obs_compress.model.blocks import find_block_stack, find_layers
-from obs_compress.recipe import CalibrationSettings
+from obs_compress.recipe import NO_CALIBRATION, CalibrationSettings
 
 logger = logging.getLogger("bench_quality")
 
@@ -151,7 +151,7 @@ BEST = "best"
 METHOD_ORDER = (DENSE, "magnitude", "wanda", "sparsegpt", "obd", "obs_blockwise", BEST)
 METHOD_LABELS = {
     DENSE: "dense",
-    "magnitude": "magnitude (ours, layer threshold)",
+    "magnitude": "magnitude (ours, layer threshold, no data)",
     "wanda": "Wanda (llm-compressor)",
     "sparsegpt": "SparseGPT (llm-compressor)",
     "obd": "OBD (ours)",
@@ -510,14 +510,19 @@ def our_recipe(method: str, pattern: Pattern):
         data["sparsity"] = pattern.sparsity
     if method == "magnitude":
         data["allocation"] = "layer"  # one threshold over the whole layer
+        # From the weights alone, as magnitude-50.yaml runs: its time is not a forward pass.
+        data["calibration"] = {"source": NO_CALIBRATION}
     return load_recipe(data)
 
 
 def prune_ours(model: nn.Module, recipe, calibration: torch.Tensor, *,
                batch_size: int) -> dict[str, Any]:
+    """``recipe`` on ``model`` with the shared calibration tensors, or with no data at all
+    when the recipe asks for none (magnitude)."""
     from obs_compress.api import oneshot
 
-    report = oneshot(model, recipe, calibration, device="cpu", batch_size=batch_size,
+    dataset = None if recipe.calibration.source == NO_CALIBRATION else calibration
+    report = oneshot(model, recipe, dataset, device="cpu", batch_size=batch_size,
                      progress=False)
     return {"report_seconds": report.seconds, "report_global_sparsity": report.global_sparsity}
 
@@ -919,7 +924,9 @@ def run_job(job: Job, *, folder: Path, tokenizer, data: ProtocolData, dataset_ca
             else:
                 recipe = our_recipe(job.method, pattern)
             row["recipe"] = recipe.to_dict()
-            row["recipe"].pop("calibration", None)  # the calibration tensors are given
+            calibration = row["recipe"].pop("calibration")  # the calibration tensors are given
+            if calibration["source"] == NO_CALIBRATION:
+                row["calibration"] = NO_CALIBRATION
 
             def prune() -> dict[str, Any]:
                 return prune_ours(model, recipe, data.calibration, batch_size=batch_size)
