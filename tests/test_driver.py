@@ -214,6 +214,21 @@ def test_no_early_stop_when_a_target_layer_runs_twice():
     assert _stop_after(feeds, missing) is None
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_layer_called_twice_per_forward_feeds_every_call(input_ids, sequential):
+    """An MLP run twice per block forward: its layers' Hessians take both calls' tokens (an
+    early stop at the first call of the last layer would drop the second)."""
+    model = tiny_model("llama")
+    for block in model.model.layers:
+        block.mlp.forward = lambda x, once=block.mlp.forward: once(x) + once(x)
+    report = oneshot(model, {"method": "obd", "sparsity": 0.5, "sequential": sequential},
+                     input_ids, progress=False)
+    tokens = {stats.name.rsplit(".", 1)[-1]: stats.n_tokens for stats in report.layers}
+    assert tokens["q_proj"] == tokens["o_proj"] == input_ids.numel()
+    assert tokens["gate_proj"] == tokens["up_proj"] == tokens["down_proj"] \
+        == 2 * input_ids.numel()
+
+
 def test_sequential_pruning_recomputes_inputs(input_ids):
     results = {}
     for sequential in (False, True):
