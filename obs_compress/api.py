@@ -109,11 +109,7 @@ def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None =
     plan = build_plan(model, recipe)
     source = (os.fspath(dataset) if isinstance(dataset, (str, os.PathLike))
               else recipe.calibration.source if dataset is None else None)
-    if source == NO_CALIBRATION:
-        if recipe.data_needs():
-            raise InvalidArgument(
-                f"dataset {NO_CALIBRATION!r}: {recipe.data_needs_text()} the Hessian of "
-                "calibration inputs; give a calibration source (e.g. c4)")
+    if source == NO_CALIBRATION:  # refused by the driver unless the recipe is magnitude only
         logger.info("no calibration data (magnitude only): pruning %d layers in %d blocks of "
                     "%s from their weights alone", len(plan.layers), len(plan.blocks),
                     plan.stack.name)

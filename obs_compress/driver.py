@@ -261,7 +261,7 @@ class BlockResult:
     name: str
     module: nn.Module
     layers: list[LayerStats]
-    seconds: float
+    seconds: float  # since the previous block was yielded (block 0: capture and OWL included)
 
 
 @dataclass
@@ -413,7 +413,9 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature | None,
             pattern=settings.pattern, target_sparsity=settings.sparsity,
             sparsity=n_pruned / mask.numel(), n_pruned=n_pruned,
             predicted_loss=loss.sum().item() if curvature is not None else None,
-            reconstruction_loss=measured, n_tokens=curvature.n_tokens if curvature is not None else 0, seconds=seconds * weight.shape[0] / sum(rows)))
+            reconstruction_loss=measured,
+            n_tokens=curvature.n_tokens if curvature is not None else 0,
+            seconds=seconds * weight.shape[0] / sum(rows)))
     return stats
 
 
@@ -570,17 +572,6 @@ def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(input_ids.split(batch_size))
 
 
-def _check_prunable_without_data(plan: PrunePlan) -> None:
-    needs = [f"{p.layer.name} (method {p.settings.method}{', refit' if p.settings.refit else ''})"
-             for p in plan.layers if p.settings.method != "magnitude" or p.settings.refit]
-    if plan.recipe.block_sparsity.method != "uniform":
-        needs.insert(0, f"block_sparsity {plan.recipe.block_sparsity.method}")
-    if needs:
-        raise InvalidArgument("pruning without calibration data fits only magnitude pruning; "
-                              f"these need the Hessian of calibration inputs: "
-                              f"{', '.join(needs[:4])}{' ...' if len(needs) > 4 else ''}")
-
-
 def _prune_blocks_without_data(plan: PrunePlan) -> Iterator[tuple[BlockPlan, list[LayerStats]]]:
     """Magnitude pruning from the weights alone: no capture, no forward, no device moves."""
     for block_plan in plan.blocks:
@@ -623,7 +614,10 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
     sequential = plan.recipe.sequential if sequential is None else sequential
     device = torch.device(device) if device is not None else None
     if input_ids is None:
-        _check_prunable_without_data(plan)
+        if plan.recipe.data_needs():
+            raise InvalidArgument(f"pruning without calibration data: "
+                                  f"{plan.recipe.data_needs_text()} the Hessian of calibration "
+                                  "inputs; give calibration data (e.g. dataset c4)")
     else:
         batches = _batches(input_ids, batch_size)
     delay = float(os.environ.get(TEST_BLOCK_DELAY_ENV, "0") or 0)

@@ -91,7 +91,8 @@ def test_prune_then_inspect_then_eval(workspace, capsys):
     ("missing-model", ["no such folder", "does-not-exist"]),
     ("missing-data", ["no-such.jsonl"]),
     ("pickle", ["--allow-pickle"]),
-    ("no-data-obs", ["dataset 'none'", "method obs_blockwise, refit true need the Hessian"]),
+    ("no-data-obs", ["without calibration data",
+                     "method obs_blockwise, refit true need the Hessian"]),
 ])
 def test_errors_are_clear_and_leave_no_output(workspace, capsys, case, words):
     tmp_path, source, calibration = workspace

@@ -435,12 +435,12 @@ def test_magnitude_without_calibration_data_runs_no_forward(family, monkeypatch)
 def test_no_calibration_data_is_refused_for_methods_that_need_it(input_ids):
     model = tiny_model("llama")
     before = snapshot(model)
-    with pytest.raises(InvalidArgument, match="dataset 'none': method obd needs the Hessian"):
+    with pytest.raises(InvalidArgument, match="without calibration data: method obd needs the "
+                                              "Hessian"):
         oneshot(model, {"method": "obd"}, "none", progress=False)
     plan = build_plan(model, {"method": "magnitude", "overrides": [
         {"targets": ["down_proj"], "method": "obs_blockwise"}]})
-    with pytest.raises(InvalidArgument, match=r"model\.layers\.0\.mlp\.down_proj \(method "
-                                              r"obs_blockwise\)"):
+    with pytest.raises(InvalidArgument, match=r"overrides\[0\]\.method obs_blockwise needs"):
         list(prune_blocks(model, plan, None, progress=False))
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
 
