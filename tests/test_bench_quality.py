@@ -144,7 +144,7 @@ def test_report_table_reference_check_and_targets(bench):
     results = [
         _row("dense", "dense", 24.14, 30.80),
         _row("sparsegpt", "50%", 48.60, 57.50, 600.0),
-        _row("obs_blockwise", "50%", 45.0, 55.0, 500.0),
+        {**_row("obs_blockwise", "50%", 45.0, 55.0, 500.0), "obs_compress_git": "abc1234"},
         _row("best", "50%", 44.0, 54.0, 700.0),  # increase 19.86 vs 24.46: 18.8% smaller
         _row("sparsegpt", "2:4", 94.233, 107.4, 600.0),  # 1% above the README's 93.30
         _row("best", "2:4", 90.0, 100.0, 700.0),  # 4.8% smaller: missed
@@ -152,6 +152,8 @@ def test_report_table_reference_check_and_targets(bench):
     ]
     text = bench.markdown_report(_meta(bench), results)
     assert "| dense | – | 24.14 | +0.0% | 30.80 |" in text
+    obs_row = next(line for line in text.splitlines() if line.startswith("| obs_blockwise"))
+    assert obs_row.endswith("| abc1234 |")  # the row's own commit, not the latest run's
     assert "| SparseGPT (llm-compressor) | 50% | 48.60 | +101.3% |" in text
     assert "Check against the README's reference figures" in text
     assert "48.60 (48.60, +0.0%)" in text

@@ -14,7 +14,8 @@ Methods (``--methods``):
 
 ==============  ====================================================================
 dense           the unpruned model
-magnitude       ours, ``method: magnitude`` with a layer-wide threshold (``allocation: layer``)
+magnitude       ours, ``method: magnitude`` with a layer-wide threshold (``allocation: layer``),
+                from the weights alone (``calibration.source: none``, as magnitude-50.yaml)
 wanda           llm-compressor ``WandaPruningModifier``
 sparsegpt       llm-compressor ``SparseGPTModifier`` (its defaults: block_size 128,
                 dampening_frac 0.01)
@@ -726,7 +727,8 @@ def markdown_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f"- Machine: {machine['cpu']}, {machine['cores']} cores "
         f"({machine['cores_usable']} usable, torch threads {machine['torch_threads']}), "
         f"{machine['memory_gib']} GiB; {machine['platform']}",
-        f"- Versions: obs_compress {ver['obs_compress']} (git {ver['obs_compress_git']}), "
+        f"- Versions: obs_compress {ver['obs_compress']} (git {ver['obs_compress_git']} in the "
+        "latest run; each row's own commit in the code column, – where not recorded), "
         f"llmcompressor {ver['llmcompressor']} (compressed-tensors {ver['compressed_tensors']}), "
         f"torch {ver['torch']}, transformers {ver['transformers']}",
         f"- Calibration: C4 documents {calibration['documents'][0]}–{calibration['documents'][1]}, "
@@ -739,8 +741,8 @@ def markdown_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f"- Prune time: wall clock of the prune call alone; peak RSS: {meta['memory_method']}",
         "",
         "| method | pattern | WikiText-2 ppl | vs dense | C4 ppl | vs dense | prune s | "
-        "prune CPU s | peak RSS MiB (+ over start) | sparsity | load avg |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "prune CPU s | peak RSS MiB (+ over start) | sparsity | load avg | code |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in results:
         sparsity = row.get("sparsity")
@@ -759,7 +761,8 @@ def markdown_report(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
             f"{_fmt(row['wikitext2_ppl'])} | {_gap(row['wikitext2_ppl'], dense_ppl['wikitext2'])} | "
             f"{_fmt(row['c4_ppl'])} | {_gap(row['c4_ppl'], dense_ppl['c4'])} | "
             f"{_fmt(row.get('prune_seconds'), 1)} | {_fmt(row.get('prune_cpu_seconds'), 1)} | "
-            f"{peak_text} | {sparsity_text} | {_fmt(load, 1)} |")
+            f"{peak_text} | {sparsity_text} | {_fmt(load, 1)} | "
+            f"{row.get('obs_compress_git') or '–'} |")
 
     noted = [row for row in results if row.get("note")]
     if noted:
