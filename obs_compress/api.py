@@ -48,6 +48,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     return torch.device(device)
 
 
+def calibration_source(dataset: Any, calibration: CalibrationSettings) -> str | None:
+    """The named source or file ``dataset`` stands for (the recipe's when None), or None when
+    documents or token ids are given directly."""
+    if dataset is None:
+        return calibration.source
+    if isinstance(dataset, (str, os.PathLike)):
+        return os.fspath(dataset)
+    return None
+
+
 def calibration_input_ids(dataset: Any, *, tokenizer: Any, calibration: CalibrationSettings,
                           model: nn.Module | None = None) -> torch.Tensor:
     """Calibration token ids ``(n_samples, seq_len)`` from any accepted ``dataset`` form."""
@@ -59,18 +69,20 @@ def calibration_input_ids(dataset: Any, *, tokenizer: Any, calibration: Calibrat
     if tokenizer is None:
         raise InvalidArgument("calibrating on text needs a tokenizer: pass tokenizer=..., or "
                               "give token ids (n_samples, seq_len) as the dataset")
-    if dataset is None or isinstance(dataset, (str, os.PathLike)):
-        source = os.fspath(dataset) if dataset is not None else calibration.source
-        if source == SELF_SOURCE:
-            if model is None:
-                raise InvalidArgument("--dataset self needs the model to generate text")
-            logger.info("generating %d calibration texts with the model itself",
-                        calibration.n_samples)
-            texts = self_generated_texts(model, tokenizer, n_texts=calibration.n_samples,
-                                         max_new_tokens=calibration.seq_len * 3 // 2 + 16,
-                                         seed=calibration.seed)
-        else:
-            texts = load_texts(source, start=calibration.start, stop=calibration.stop)
+    source = calibration_source(dataset, calibration)
+    if source == NO_CALIBRATION:
+        raise InvalidArgument(f"calibration source {NO_CALIBRATION!r} gives no calibration "
+                              "data; name a source (c4, wikitext2, self or a file)")
+    if source == SELF_SOURCE:
+        if model is None:
+            raise InvalidArgument("--dataset self needs the model to generate text")
+        logger.info("generating %d calibration texts with the model itself",
+                    calibration.n_samples)
+        texts = self_generated_texts(model, tokenizer, n_texts=calibration.n_samples,
+                                     max_new_tokens=calibration.seq_len * 3 // 2 + 16,
+                                     seed=calibration.seed)
+    elif source is not None:
+        texts = load_texts(source, start=calibration.start, stop=calibration.stop)
     elif isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):
         texts = list(dataset)
     else:
@@ -107,9 +119,8 @@ def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None =
     """
     recipe = load_recipe(recipe)
     plan = build_plan(model, recipe)
-    source = (os.fspath(dataset) if isinstance(dataset, (str, os.PathLike))
-              else recipe.calibration.source if dataset is None else None)
-    if source == NO_CALIBRATION:  # refused by the driver unless the recipe is magnitude only
+    if calibration_source(dataset, recipe.calibration) == NO_CALIBRATION:
+        # refused by the driver unless the recipe is magnitude only
         logger.info("no calibration data (magnitude only): pruning %d layers in %d blocks of "
                     "%s from their weights alone", len(plan.layers), len(plan.blocks),
                     plan.stack.name)
@@ -182,5 +193,5 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                     seconds=time.perf_counter() - start)
 
 
-__all__ = ["PruneRun", "calibration_input_ids", "oneshot", "prune_checkpoint", "resolve_device",
+__all__ = ["PruneRun", "calibration_input_ids", "calibration_source", "oneshot", "prune_checkpoint", "resolve_device",
            "save_pretrained"]

@@ -613,12 +613,11 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
     """
     sequential = plan.recipe.sequential if sequential is None else sequential
     device = torch.device(device) if device is not None else None
-    if input_ids is None:
-        if plan.recipe.data_needs():
-            raise InvalidArgument(f"pruning without calibration data: "
-                                  f"{plan.recipe.data_needs_text()} the Hessian of calibration "
-                                  "inputs; give calibration data (e.g. dataset c4)")
-    else:
+    needs = plan.recipe.data_needs_text() if input_ids is None else ""
+    if needs:
+        raise InvalidArgument(f"pruning without calibration data: {needs} the Hessian of "
+                              "calibration inputs; give calibration data (e.g. dataset c4)")
+    if input_ids is not None:
         batches = _batches(input_ids, batch_size)
     delay = float(os.environ.get(TEST_BLOCK_DELAY_ENV, "0") or 0)
     was_training = model.training

@@ -169,8 +169,11 @@ class Recipe:
         return PruneSettings(**{name: getattr(self, name) for name in PRUNE_FIELDS})
 
     def data_needs_text(self) -> str:
-        """:meth:`data_needs` as the subject of a sentence: ``"method obd needs"``."""
+        """:meth:`data_needs` as the subject of a sentence (``"method obd needs"``), or ``""``
+        when the recipe needs no calibration data."""
         reasons = self.data_needs()
+        if not reasons:
+            return ""
         return f"{', '.join(reasons)} {'needs' if len(reasons) == 1 else 'need'}"
 
     def data_needs(self) -> list[str]:
@@ -451,11 +454,12 @@ def _recipe_from_dict(data: Any, origin: str) -> Recipe:
         _check_consistent(_apply_changes(recipe.settings, dict(changes)), f" ({label})", origin)
         parsed.append(override)
     recipe = replace(recipe, overrides=tuple(parsed))
-    if recipe.calibration.source == NO_CALIBRATION and recipe.data_needs():
+    needs = recipe.data_needs_text() if recipe.calibration.source == NO_CALIBRATION else ""
+    if needs:
         raise RecipeError(
             f"recipe{_where(origin)}: calibration.source {NO_CALIBRATION!r} (no calibration "
-            f"data) fits only magnitude pruning, but {recipe.data_needs_text()} the Hessian "
-            "of calibration inputs; set calibration.source (e.g. c4)")
+            f"data) fits only magnitude pruning, but {needs} the Hessian of calibration "
+            "inputs; set calibration.source (e.g. c4)")
     return recipe
 
 
