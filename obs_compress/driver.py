@@ -1,44 +1,35 @@
 """The one layer loop: capture -> accumulate -> prune -> re-forward -> offload, block by block.
 
 The driver of SparseGPT (Frantar & Alistarh 2023, sec. 4, "catch the inputs of block 0, then
-walk the blocks"), written once for every model ``transformers`` loads:
+walk the blocks"), written once for every model ``transformers`` loads. It takes a plan
+(:func:`obs_compress.plan.build_plan`: every check that can fail has run) and calibration
+token ids, or None for magnitude pruning from the weights alone.
 
-1. :func:`build_plan` finds the block stack and its prunable layers
-   (:mod:`obs_compress.model.blocks`) and resolves the recipe per layer; every check that
-   can fail (targets that match nothing, an N:M that does not divide a width) fails here,
-   before any weight changes.
-2. :func:`prune_blocks` captures block 0's inputs (:mod:`obs_compress.model.capture`), then
-   for each block: onload it to the compute device, let forward hooks feed every target
-   layer's Hessian accumulator, prune each layer with
-   :func:`obs_compress.algorithms.prune_weight`, run the block again with the pruned
-   weights to produce the next block's inputs, offload it, and yield a
-   :class:`BlockResult`. With ``sequential`` the layers of a block are pruned in groups, in
-   the order the forward reaches them (layers fed the same tensor form one group: q/k/v,
-   then o_proj, then gate/up, then down_proj in a Llama block), each group's Hessians taken
-   from inputs recomputed with the earlier groups already pruned. Layers fed the same tensor
-   share one Hessian accumulator either way, and those with equal settings one stacked solve
-   (each still reaching its own sparsity). The accumulation forward stops at the last input
-   it needs.
-   With ``block_sparsity: owl`` a dense pass over every block comes first
-   (:func:`block_input_norms`, on the first calibration samples) and :func:`owl_plan`
-   moves each block's unstructured sparsity by its outlier fraction, same total.
-3. :func:`summarize` turns the per-block results into a :class:`PruneReport`.
+:func:`prune_blocks` captures block 0's inputs (:mod:`obs_compress.model.capture`), then
+for each block: onload it to the compute device, let forward hooks feed every target
+layer's Hessian accumulator, prune each layer with
+:func:`obs_compress.algorithms.prune_weight`, run the block again with the pruned weights to
+produce the next block's inputs, offload it, and yield a
+:class:`~obs_compress.report.BlockResult`. With ``sequential`` the layers of a block are
+pruned in groups, in the order the forward reaches them (layers fed the same tensor form one
+group: q/k/v, then o_proj, then gate/up, then down_proj in a Llama block), each group's
+Hessians taken from inputs recomputed with the earlier groups already pruned. Layers fed the
+same tensor share one Hessian accumulator either way, and those with equal settings one
+stacked solve (each still reaching its own sparsity). The accumulation forward stops at the
+last input it needs. With ``block_sparsity: owl`` the plan is first moved by
+:func:`obs_compress.owl.owl_plan`. :func:`prune_model` runs the loop to the end and returns
+the :class:`~obs_compress.report.PruneReport`.
 
 Shapes: calibration ``input_ids: (n_samples, seq_len)``; a layer's ``W: (d_out, d_in)``,
 its inputs ``X: (n_tokens, d_in)`` and ``H = 2 X^T X / n: (d_in, d_in)``.
-
-Statistics per layer: the predicted increase of ``E = ||(W' - W) X^T||^2 / n`` (the sum of
-``PruneResult.loss``) and the measured one, ``sum over rows of dW H dW^T / 2`` with the
-undamped ``H`` of the inputs the layer saw (the two differ by the dampening).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
+import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -47,291 +38,18 @@ from tqdm.auto import tqdm
 
 from .algorithms import prune_weight
 from .algorithms.refit import row_losses
-from .errors import InvalidArgument, NonFiniteError, ObsCompressError, RecipeError
-from .math.block_sparsity import outlier_fraction, owl_sparsities
-from .math.hessian import (Curvature, HessianAccumulator, InputNormAccumulator,
-                           RecursiveInverseAccumulator)
+from .errors import InvalidArgument, NonFiniteError, ObsCompressError
+from .math.hessian import Curvature, HessianAccumulator, RecursiveInverseAccumulator
 from .math.inverse import undamped_hessian
-from .math.masks import check_pattern_fits, parse_pattern
-from .model.blocks import BlockStack, PrunableLayer, find_block_stack, find_layers, module_device
+from .model.blocks import PrunableLayer, module_device
 from .model.capture import BlockCall, capture_block_inputs
 from .model.hooks import accumulate_inputs, input_hooks, on_device, until_stopped
-from .recipe import PruneSettings, Recipe, load_recipe
+from .owl import owl_plan
+from .plan import BlockPlan, LayerPlan, PrunePlan, check_runs_without_data
+from .recipe import PruneSettings
+from .report import BlockResult, LayerStats, PruneReport, summarize
 
 logger = logging.getLogger(__name__)
-
-# Test-only: seconds to sleep after each block, so a test can interrupt a run mid-way.
-TEST_BLOCK_DELAY_ENV = "OBS_COMPRESS_TEST_BLOCK_DELAY"
-
-
-# --------------------------------------------------------------------------- the plan
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    layer: PrunableLayer
-    settings: PruneSettings
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    index: int
-    name: str
-    module: nn.Module
-    layers: tuple[LayerPlan, ...]
-
-
-@dataclass(frozen=True)
-class PrunePlan:
-    """Which layers of which blocks are pruned, and how."""
-
-    stack: BlockStack
-    blocks: tuple[BlockPlan, ...]
-    recipe: Recipe
-
-    @property
-    def layers(self) -> list[LayerPlan]:
-        return [layer for block in self.blocks for layer in block.layers]
-
-
-def build_plan(model: nn.Module, recipe: Recipe | Any) -> PrunePlan:
-    """Resolve ``recipe`` against ``model``; raises before anything is modified.
-
-    Candidates are the prunable layers inside the block stack (so never ``lm_head``,
-    embeddings or norms); ``targets``/``ignore`` select among them; overrides apply in order.
-    A target weight holding NaN or infinity is refused here, with its layer named.
-    """
-    recipe = load_recipe(recipe)
-    stack = find_block_stack(model)
-    candidates = [(index, layer) for index, block in enumerate(stack.modules)
-                  for layer in find_layers(block, stack.block_name(index))]
-    chosen = [(index, layer) for index, layer in candidates if recipe.is_target(layer.name)]
-    if not chosen:
-        examples = ", ".join(layer.name for _, layer in candidates[:6])
-        raise RecipeError(
-            f"recipe targets {list(recipe.targets)} (ignore {list(recipe.ignore)}) match no "
-            f"prunable layer inside {stack.name}; its layers are named like: {examples}")
-    for position, override in enumerate(recipe.overrides):
-        if not any(re.search(p, layer.name) for _, layer in chosen for p in override.targets):
-            raise RecipeError(
-                f"recipe field overrides[{position}].targets {list(override.targets)} matches "
-                f"no target layer; target layers are named like: "
-                f"{', '.join(layer.name for _, layer in chosen[:6])}")
-    blocks = []
-    for _, layer in chosen:
-        # Before any forward: a broken weight would otherwise surface as non-finite inputs
-        # of a later layer, which would be named instead.
-        if not torch.isfinite(layer.weight_matrix()).all():
-            raise NonFiniteError(f"layer {layer.name}: the weight holds NaN or infinity; the "
-                                 "checkpoint is broken, refusing to prune it")
-    for index, block in enumerate(stack.modules):
-        layers = []
-        for block_index, layer in chosen:
-            if block_index != index:
-                continue
-            settings = recipe.settings_for(layer.name)
-            try:
-                check_pattern_fits(parse_pattern(settings.pattern), layer.d_in, layer.name)
-            except InvalidArgument as exc:
-                raise RecipeError(f"recipe pattern {settings.pattern}: {exc}") from None
-            layers.append(LayerPlan(layer=layer, settings=settings))
-        blocks.append(BlockPlan(index=index, name=stack.block_name(index), module=block,
-                                layers=tuple(layers)))
-    return PrunePlan(stack=stack, blocks=tuple(blocks), recipe=recipe)
-
-
-# --------------------------------------------------------------------------- block sparsity
-
-
-def _unstructured(plan: LayerPlan) -> bool:
-    return not parse_pattern(plan.settings.pattern).is_nm
-
-
-def _first_samples(calls: Sequence[BlockCall], n_samples: int) -> list[BlockCall]:
-    chosen, count = [], 0
-    for call in calls:
-        if count >= n_samples:
-            break
-        chosen.append(call)
-        count += call.hidden_states.shape[0]
-    return chosen
-
-
-def block_input_norms(plan: PrunePlan, calls: Sequence[BlockCall],
-                      device: torch.device | None) -> list[dict[str, torch.Tensor]]:
-    """A dense pass through every block on ``calls``: per block, ``||X_j||`` of each
-    unstructured target layer's inputs. The calls' own hidden states are left as they are."""
-    hidden = [call.hidden_states for call in calls]
-    norms: list[dict[str, torch.Tensor]] = []
-    for block_plan in plan.blocks:
-        accumulators = {p.layer.name: InputNormAccumulator(
-                            p.layer.d_in, name=p.layer.name,
-                            device=device if device is not None else module_device(p.layer.module))
-                        for p in block_plan.layers if _unstructured(p)}
-        modules = {p.layer.name: p.layer.module for p in block_plan.layers if _unstructured(p)}
-        with on_device(block_plan.module, device) as block, \
-                accumulate_inputs(modules, accumulators):
-            hidden = [call(block, h) for call, h in zip(calls, hidden)]
-        norms.append({name: acc.norms() for name, acc in accumulators.items()})
-    return norms
-
-
-def owl_plan(plan: PrunePlan, calls: Sequence[BlockCall],
-             device: torch.device | None) -> PrunePlan:
-    """``plan`` with each block's unstructured layers moved by the block's OWL offset.
-
-    The offsets come from the dense model (``block_sparsity.n_samples`` calibration samples)
-    and keep the total number of pruned weights; see :mod:`obs_compress.math.block_sparsity`.
-    """
-    settings = plan.recipe.block_sparsity
-    norms = block_input_norms(plan, _first_samples(calls, settings.n_samples), device)
-    used, fractions, sizes, pruned = [], [], [], 0.0
-    for block_plan, block_norms in zip(plan.blocks, norms):
-        layers = [p for p in block_plan.layers if _unstructured(p)]
-        if not layers:
-            continue
-        used.append(block_plan.index)
-        fractions.append(outlier_fraction([p.layer.weight_matrix() for p in layers],
-                                          [block_norms[p.layer.name] for p in layers],
-                                          settings.outlier_threshold))
-        sizes.append(sum(p.layer.shape[0] * p.layer.shape[1] for p in layers))
-        pruned += sum(p.settings.sparsity * p.layer.shape[0] * p.layer.shape[1] for p in layers)
-    if not used:
-        logger.info("block_sparsity owl: no unstructured target layer, nothing to move")
-        return plan
-    target = pruned / sum(sizes)
-    try:
-        sparsities = owl_sparsities(fractions, sizes, target, settings.spread)
-    except InvalidArgument as exc:
-        raise RecipeError(f"recipe field block_sparsity: {exc}") from None
-    offsets = {index: sparsity - target for index, sparsity in zip(used, sparsities)}
-    blocks = []
-    for block_plan in plan.blocks:
-        offset = offsets.get(block_plan.index, 0.0)
-        layers = []
-        for p in block_plan.layers:
-            if _unstructured(p) and offset:
-                moved = p.settings.sparsity + offset
-                if not 0 <= moved < 1:
-                    raise RecipeError(
-                        f"recipe field block_sparsity: layer {p.layer.name} would get sparsity "
-                        f"{moved:.4f} ({p.settings.sparsity:g} {offset:+.4f}), outside [0, 1); "
-                        f"lower block_sparsity.spread (now {settings.spread:g})")
-                p = LayerPlan(layer=p.layer, settings=replace(p.settings, sparsity=moved))
-            layers.append(p)
-        blocks.append(replace(block_plan, layers=tuple(layers)))
-    logger.info("block_sparsity owl (spread %g, threshold %g): outlier fractions %s -> block "
-                "sparsities %s", settings.spread, settings.outlier_threshold,
-                " ".join(f"{f:.4f}" for f in fractions), " ".join(f"{s:.3f}" for s in sparsities))
-    return replace(plan, blocks=tuple(blocks))
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class LayerStats:
-    """What happened to one layer."""
-
-    name: str
-    block: int
-    shape: tuple[int, int]  # (d_out, d_in)
-    method: str
-    pattern: str
-    target_sparsity: float
-    sparsity: float  # fraction pruned (mask), measured
-    n_pruned: int
-    # None when pruned without calibration data (magnitude only): there is no H to measure by.
-    predicted_loss: float | None  # sum of PruneResult.loss
-    reconstruction_loss: float | None  # sum over rows of dW H dW^T / 2, undamped H
-    n_tokens: int
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["shape"] = list(self.shape)
-        return data
-
-
-@dataclass
-class BlockResult:
-    """One pruned block, yielded as soon as it is done (its weights already pruned in place)."""
-
-    index: int
-    name: str
-    module: nn.Module
-    layers: list[LayerStats]
-    seconds: float  # since the previous block was yielded (block 0: capture and OWL included)
-
-
-@dataclass
-class PruneReport:
-    """The summary of a run: per-layer statistics plus totals."""
-
-    layers: list[LayerStats]
-    n_blocks: int
-    n_samples: int
-    seq_len: int
-    seconds: float
-    recipe: dict[str, Any] = field(default_factory=dict)
-    model: str = ""
-
-    @property
-    def pruned(self) -> int:
-        return sum(s.n_pruned for s in self.layers)
-
-    @property
-    def total(self) -> int:
-        return sum(s.shape[0] * s.shape[1] for s in self.layers)
-
-    @property
-    def global_sparsity(self) -> float:
-        """Pruned fraction over all target layers together."""
-        return self.pruned / self.total if self.total else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "global_sparsity": self.global_sparsity,
-            "pruned_weights": self.pruned,
-            "target_weights": self.total,
-            "n_blocks": self.n_blocks,
-            "n_layers": len(self.layers),
-            "n_samples": self.n_samples,
-            "seq_len": self.seq_len,
-            "seconds": self.seconds,
-            "recipe": self.recipe,
-            "layers": [s.to_dict() for s in self.layers],
-        }
-
-    def table(self) -> str:
-        """The per-layer summary as an aligned text table."""
-        width = max([len("layer")] + [len(s.name) for s in self.layers])
-        header = (f"{'layer':<{width}}  {'shape':>11}  {'pattern':>12}  {'sparsity':>8}  "
-                  f"{'predicted':>10}  {'measured':>10}  {'seconds':>7}")
-        lines = [header, "-" * len(header)]
-        for s in self.layers:
-            shape = f"{s.shape[0]}x{s.shape[1]}"
-            lines.append(f"{s.name:<{width}}  {shape:>11}  {s.pattern:>12}  {s.sparsity:>8.4f}  "
-                         f"{_loss_text(s.predicted_loss):>10}  "
-                         f"{_loss_text(s.reconstruction_loss):>10}  {s.seconds:>7.2f}")
-        lines.append("-" * len(header))
-        lines.append(f"{len(self.layers)} layers in {self.n_blocks} blocks: global sparsity "
-                     f"{self.global_sparsity:.4f} ({self.pruned:,} of {self.total:,} weights), "
-                     f"{self.seconds:.1f} s")
-        return "\n".join(lines)
-
-
-def _loss_text(loss: float | None) -> str:
-    return "-" if loss is None else f"{loss:.4g}"
-
-
-def summarize(results: Sequence[BlockResult], *, n_samples: int, seq_len: int, seconds: float,
-              recipe: Recipe | None = None, model: str = "") -> PruneReport:
-    return PruneReport(layers=[s for r in results for s in r.layers], n_blocks=len(results),
-                       n_samples=n_samples, seq_len=seq_len, seconds=seconds,
-                       recipe=recipe.to_dict() if recipe is not None else {}, model=model)
-
 
 # --------------------------------------------------------------------------- the loop
 
@@ -395,15 +113,16 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature | None,
     except ObsCompressError as exc:
         raise _named(exc, names) from exc
     seconds = time.perf_counter() - start + extra_seconds
+    dampening = _dampening_used(result.dampening_frac, settings)
     stats = []
     for plan, weight, new_weight, mask, loss in zip(
             plans, weights, result.weight.split(rows), result.mask.split(rows),
             result.loss.split(rows)):
         layer = plan.layer
         if not torch.isfinite(new_weight).all():
-            raise NonFiniteError(f"layer {layer.name}: pruning produced NaN or infinity; raise "
-                                 f"dampening_frac (now {settings.dampening_frac}) or give more "
-                                 "calibration samples")
+            raise NonFiniteError(f"layer {layer.name}: pruning produced NaN or infinity "
+                                 f"{_dampening_text(dampening, settings)}; raise "
+                                 "dampening_frac or give more calibration samples")
         measured = (reconstruction_loss(new_weight - weight, hessian) if hessian is not None
                     else None)
         n_pruned = int(mask.sum().item())
@@ -415,8 +134,27 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature | None,
             predicted_loss=loss.sum().item() if curvature is not None else None,
             reconstruction_loss=measured,
             n_tokens=curvature.n_tokens if curvature is not None else 0,
-            seconds=seconds * weight.shape[0] / sum(rows)))
+            seconds=seconds * weight.shape[0] / sum(rows),
+            dampening_frac=dampening, requested_dampening_frac=settings.dampening_frac))
     return stats
+
+
+def _dampening_used(used: float | None, settings: PruneSettings) -> float | None:
+    """The dampening a solve ran with: the raised one when the Cholesky step raised it; the
+    recipe's on the recursive path (its accumulator folded exactly that in); None when no
+    inverse was taken (magnitude, OBD)."""
+    if used is not None and math.isnan(used):
+        return settings.dampening_frac
+    return used
+
+
+def _dampening_text(used: float | None, settings: PruneSettings) -> str:
+    if used is None:
+        return "(no inverse was taken)"
+    if used != settings.dampening_frac:
+        return (f"(with dampening_frac {used:g}, raised from the recipe's "
+                f"{settings.dampening_frac:g})")
+    return f"(with dampening_frac {used:g})"
 
 
 @dataclass
@@ -556,11 +294,18 @@ def _stop_after(feeds: Sequence[_Feed], order: _ExecutionOrder) -> str | None:
     return max(names, key=order.reached.index)
 
 
-def _check_finite_outputs(hidden: torch.Tensor, block_name: str) -> None:
+def _check_finite_outputs(hidden: torch.Tensor, block_name: str,
+                          stats: Sequence[LayerStats]) -> None:
     if not torch.isfinite(hidden).all():
+        used = sorted({f"{s.dampening_frac:g}" for s in stats if s.dampening_frac is not None})
+        raised = [s.name for s in stats if s.dampening_raised]
+        detail = f" (its layers were solved with dampening_frac {', '.join(used)}" if used else ""
+        if used and raised:
+            detail += f"; raised for {', '.join(raised)}"
+        detail += ")" if used else ""
         raise NonFiniteError(f"block {block_name}: its outputs hold NaN or infinity after "
-                             "pruning; check the model's dtype (fp16 overflow) and raise "
-                             "dampening_frac")
+                             f"pruning{detail}; check the model's dtype (fp16 overflow) and "
+                             "raise dampening_frac")
 
 
 def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -595,7 +340,7 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
                      if block_plan.layers else [])
             for call in calls:
                 call.hidden_states = call(block)
-                _check_finite_outputs(call.hidden_states, block_plan.name)
+                _check_finite_outputs(call.hidden_states, block_plan.name, stats)
         yield block_plan, stats
 
 
@@ -613,13 +358,13 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
     """
     sequential = plan.recipe.sequential if sequential is None else sequential
     device = torch.device(device) if device is not None else None
-    needs = plan.recipe.data_needs_text() if input_ids is None else ""
-    if needs:
-        raise InvalidArgument(f"pruning without calibration data: {needs} the Hessian of "
-                              "calibration inputs; give calibration data (e.g. dataset c4)")
-    if input_ids is not None:
+    if input_ids is None:
+        check_runs_without_data(plan.recipe)
+        logger.info("no calibration data (magnitude only): pruning %d layers in %d blocks of "
+                    "%s from their weights alone", len(plan.layers), len(plan.blocks),
+                    plan.stack.name)
+    else:
         batches = _batches(input_ids, batch_size)
-    delay = float(os.environ.get(TEST_BLOCK_DELAY_ENV, "0") or 0)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(plan.blocks), desc="pruning", unit="block", disable=not progress)
@@ -634,34 +379,16 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
                 seconds = time.perf_counter() - start
                 result = BlockResult(index=block_plan.index, name=block_plan.name,
                                      module=block_plan.module, layers=stats, seconds=seconds)
-                _log_block(result, len(plan.blocks))
+                logger.info("%s", result.describe(len(plan.blocks)))
                 bar.update(1)
                 predicted = [s.predicted_loss for s in stats if s.predicted_loss is not None]
                 if predicted:
                     bar.set_postfix(loss=f"{sum(predicted):.3g}")
-                if delay:
-                    time.sleep(delay)
                 yield result
                 start = time.perf_counter()
     finally:
         bar.close()
         model.train(was_training)
-
-
-def _log_block(result: BlockResult, n_blocks: int) -> None:
-    if result.layers:
-        size = sum(s.shape[0] * s.shape[1] for s in result.layers)
-        pruned = sum(s.n_pruned for s in result.layers)
-        losses = ""
-        if all(s.predicted_loss is not None for s in result.layers):
-            losses = (f", predicted loss {sum(s.predicted_loss for s in result.layers):.4g}, "
-                      f"measured {sum(s.reconstruction_loss for s in result.layers):.4g}")
-        logger.info("block %d/%d %s: %d layers, sparsity %.4f%s, %.1f s", result.index + 1,
-                    n_blocks, result.name, len(result.layers), pruned / size, losses,
-                    result.seconds)
-    else:
-        logger.info("block %d/%d %s: no target layers, %.1f s", result.index + 1, n_blocks,
-                    result.name, result.seconds)
 
 
 def prune_model(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | None, *,
@@ -677,6 +404,4 @@ def prune_model(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | Non
                      seconds=time.perf_counter() - start, recipe=plan.recipe, model=model_name)
 
 
-__all__ = ["BlockPlan", "BlockResult", "LayerPlan", "LayerStats", "PrunePlan", "PruneReport",
-           "block_input_norms", "build_plan", "owl_plan", "prune_blocks", "prune_model",
-           "reconstruction_loss", "summarize"]
+__all__ = ["prune_blocks", "prune_model", "reconstruction_loss"]

@@ -14,7 +14,6 @@ import torch
 
 from _tiny_models import folder_digest, save_tiny, tiny_model, write_text_file
 from obs_compress.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
-from obs_compress.driver import TEST_BLOCK_DELAY_ENV
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 SMALL = ["--set", "calibration.n_samples=4", "--set", "calibration.seq_len=48", "--no-progress"]
@@ -187,15 +186,40 @@ def test_allow_pickle_loads_bin_weights(workspace):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+SLOW_CLI = """
+import sys
+import time
+
+import obs_compress.driver as driver
+
+blocks = driver._prune_blocks_with_data
+
+
+def slow_blocks(*args, **kwargs):
+    for block in blocks(*args, **kwargs):
+        yield block
+        time.sleep(120)
+
+
+driver._prune_blocks_with_data = slow_blocks
+from obs_compress.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_run_leaves_source_untouched_and_no_output(tmp_path, sig):
     source = save_tiny(tmp_path / "source", "llama", layers=3)
     calibration = write_text_file(tmp_path / "cal.jsonl")
     before = folder_digest(source)
     out = tmp_path / "out"
-    env = {**os.environ, TEST_BLOCK_DELAY_ENV: "120", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "obs_compress.cli",
-               *prune_args(source, out, calibration)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # The CLI with a slow block loop injected: each block takes 120 s more, so the signal
+    # comes mid-run (the library itself has no test-only switch).
+    runner = tmp_path.parent / f"{tmp_path.name}-slow_cli.py"
+    runner.write_text(SLOW_CLI, encoding="utf-8")
+    command = [sys.executable, str(runner), *prune_args(source, out, calibration)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:

@@ -11,12 +11,13 @@ from _tiny_models import hook_snapshot, minilm_folder, no_hooks, tiny_model
 from obs_compress import driver
 from obs_compress.api import calibration_input_ids, oneshot
 from obs_compress.driver import (_execution_groups, _ExecutionOrder, _Feed, _stop_after,
-                                 build_plan, prune_blocks, prune_model, reconstruction_loss)
+                                 prune_blocks, prune_model, reconstruction_loss)
 from obs_compress.errors import InvalidArgument, NonFiniteError, RecipeError
 from obs_compress.math.hessian import HessianAccumulator, RecursiveInverseAccumulator
 from obs_compress.math.inverse import undamped_hessian
 from obs_compress.math.masks import prune_count
 from obs_compress.model.capture import capture_block_inputs
+from obs_compress.plan import build_plan
 from obs_compress.recipe import load_recipe
 
 SEQ_LEN = 32

@@ -1,0 +1,170 @@
+"""What a run reports: per-layer statistics, per-block results, and the run's summary.
+
+Losses are those of ``E = ||(W' - W) X^T||^2 / n`` on the calibration inputs the layer saw:
+``predicted_loss`` is the solver's own prediction (the sum of ``PruneResult.loss``, under
+the damped ``H`` it used), ``reconstruction_loss`` the measured ``sum over rows of
+dW H dW^T / 2`` with the undamped ``H``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+from torch import nn
+
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStats:
+    """What happened to one layer."""
+
+    name: str
+    block: int
+    shape: tuple[int, int]  # (d_out, d_in)
+    method: str
+    pattern: str
+    target_sparsity: float
+    sparsity: float  # fraction pruned (mask), measured
+    n_pruned: int
+    # None when pruned without calibration data (magnitude only): there is no H to measure by.
+    predicted_loss: float | None  # sum of PruneResult.loss
+    reconstruction_loss: float | None  # sum over rows of dW H dW^T / 2, undamped H
+    n_tokens: int
+    seconds: float
+    # The dampening the layer's inverse was taken with (None: no inverse, magnitude or OBD),
+    # and the recipe's: they differ where the Cholesky step had to raise it.
+    dampening_frac: float | None = None
+    requested_dampening_frac: float | None = None
+
+    @property
+    def dampening_raised(self) -> bool:
+        return (self.dampening_frac is not None and self.requested_dampening_frac is not None
+                and self.dampening_frac != self.requested_dampening_frac)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        data["dampening_raised"] = self.dampening_raised
+        return data
+
+
+@dataclass
+class BlockResult:
+    """One pruned block, yielded as soon as it is done (its weights already pruned in place)."""
+
+    index: int
+    name: str
+    module: nn.Module
+    layers: list[LayerStats]
+    seconds: float  # since the previous block was yielded (block 0: capture and OWL included)
+
+    def describe(self, n_blocks: int) -> str:
+        """One log line: the block, its sparsity and losses, its time."""
+        if not self.layers:
+            return (f"block {self.index + 1}/{n_blocks} {self.name}: no target layers, "
+                    f"{self.seconds:.1f} s")
+        size = sum(s.shape[0] * s.shape[1] for s in self.layers)
+        pruned = sum(s.n_pruned for s in self.layers)
+        losses = ""
+        if all(s.predicted_loss is not None for s in self.layers):
+            losses = (f", predicted loss {sum(s.predicted_loss for s in self.layers):.4g}, "
+                      f"measured {sum(s.reconstruction_loss for s in self.layers):.4g}")
+        return (f"block {self.index + 1}/{n_blocks} {self.name}: {len(self.layers)} layers, "
+                f"sparsity {pruned / size:.4f}{losses}, {self.seconds:.1f} s")
+
+
+@dataclass
+class PruneReport:
+    """The summary of a run: per-layer statistics plus totals."""
+
+    layers: list[LayerStats]
+    n_blocks: int
+    n_samples: int
+    seq_len: int
+    seconds: float
+    recipe: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+
+    @property
+    def pruned(self) -> int:
+        return sum(s.n_pruned for s in self.layers)
+
+    @property
+    def total(self) -> int:
+        return sum(s.shape[0] * s.shape[1] for s in self.layers)
+
+    @property
+    def global_sparsity(self) -> float:
+        """Pruned fraction over all target layers together."""
+        return self.pruned / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "global_sparsity": self.global_sparsity,
+            "pruned_weights": self.pruned,
+            "target_weights": self.total,
+            "n_blocks": self.n_blocks,
+            "n_layers": len(self.layers),
+            "n_samples": self.n_samples,
+            "seq_len": self.seq_len,
+            "seconds": self.seconds,
+            "recipe": self.recipe,
+            "dampening_raised": [s.name for s in self.raised_dampening],
+            "layers": [s.to_dict() for s in self.layers],
+        }
+
+    @property
+    def raised_dampening(self) -> list[LayerStats]:
+        """The layers whose dampening the Cholesky step raised above the recipe's."""
+        return [s for s in self.layers if s.dampening_raised]
+
+    def table(self) -> str:
+        """The per-layer summary as an aligned text table."""
+        width = max([len("layer")] + [len(s.name) for s in self.layers])
+        header = (f"{'layer':<{width}}  {'shape':>11}  {'pattern':>12}  {'sparsity':>8}  "
+                  f"{'predicted':>10}  {'measured':>10}  {'dampening':>10}  {'seconds':>7}")
+        lines = [header, "-" * len(header)]
+        for s in self.layers:
+            shape = f"{s.shape[0]}x{s.shape[1]}"
+            lines.append(f"{s.name:<{width}}  {shape:>11}  {s.pattern:>12}  {s.sparsity:>8.4f}  "
+                         f"{_loss_text(s.predicted_loss):>10}  "
+                         f"{_loss_text(s.reconstruction_loss):>10}  "
+                         f"{_dampening_text(s):>10}  {s.seconds:>7.2f}")
+        lines.append("-" * len(header))
+        lines.append(f"{len(self.layers)} layers in {self.n_blocks} blocks: global sparsity "
+                     f"{self.global_sparsity:.4f} ({self.pruned:,} of {self.total:,} weights), "
+                     f"{self.seconds:.1f} s")
+        raised = self.raised_dampening
+        if raised:
+            lines.append(f"* dampening_frac raised above the recipe's for {len(raised)} layers "
+                         "(the Cholesky factorization failed with it): "
+                         + ", ".join(f"{s.name} {s.requested_dampening_frac:g} -> "
+                                     f"{s.dampening_frac:g}" for s in raised))
+        return "\n".join(lines)
+
+
+def _loss_text(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.4g}"
+
+
+def _dampening_text(stats: LayerStats) -> str:
+    """The dampening a layer was solved with; ``*`` where it was raised; ``-``: no inverse."""
+    if stats.dampening_frac is None:
+        return "-"
+    return f"{stats.dampening_frac:g}" + ("*" if stats.dampening_raised else "")
+
+
+def summarize(results: Sequence[BlockResult], *, n_samples: int, seq_len: int, seconds: float,
+              recipe: Recipe | None = None, model: str = "") -> PruneReport:
+    return PruneReport(layers=[s for r in results for s in r.layers], n_blocks=len(results),
+                       n_samples=n_samples, seq_len=seq_len, seconds=seconds,
+                       recipe=recipe.to_dict() if recipe is not None else {}, model=model)
+
+
+__all__ = ["BlockResult", "LayerStats", "PruneReport", "summarize"]
