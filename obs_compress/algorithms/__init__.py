@@ -30,11 +30,15 @@ class PruneResult:
     """``weight``: the pruned weight (pruned entries exactly 0), in the input's dtype;
     ``mask``: bool, True where pruned; ``loss``: per row, the predicted increase of ``E``
     (the solver's own prediction under the damped ``H`` it used; exact on the calibration
-    data when ``dampening_frac=0``)."""
+    data when ``dampening_frac=0``); ``dampening_frac``: the dampening the inverse was taken
+    with, which is larger than the one asked for when the Cholesky factorization needed a
+    raise (None when no inverse was needed: magnitude, OBD; nan on the recursive path, whose
+    dampening was folded in by its accumulator)."""
 
     weight: torch.Tensor  # (d_out, d_in)
     mask: torch.Tensor  # (d_out, d_in) bool
     loss: torch.Tensor  # (d_out,)
+    dampening_frac: float | None = None
 
     @property
     def sparsity(self) -> float:
@@ -162,7 +166,8 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
                 else torch.full((weight.shape[0],), float("nan"), dtype=dtype))
     pruned = pruned.masked_fill(mask, 0)
     return PruneResult(weight=pruned.to(weight.dtype).to(weight.device),
-                       mask=mask.to(weight.device), loss=loss.to(weight.device))
+                       mask=mask.to(weight.device), loss=loss.to(weight.device),
+                       dampening_frac=prepared.dampening_frac if prepared is not None else None)
 
 
 __all__ = ["METHODS", "PruneResult", "prune_weight"]
