@@ -1,17 +1,20 @@
 """The Python API: prune a loaded model in place, or a checkpoint into a new folder.
 
 * :func:`oneshot` prunes an already loaded ``PreTrainedModel`` in place with a recipe and
-  calibration data, and returns a :class:`~obs_compress.driver.PruneReport`.
+  calibration data, and returns a :class:`~obs_compress.report.PruneReport`.
 * :func:`save_pretrained` writes it as a Hugging Face folder (atomic, sparsity in
   ``config.json``, recipe and report beside it).
 * :func:`prune_checkpoint` is the whole job of ``obs-compress prune``: load, prune, save.
 
 Calibration data (``dataset``) is any of: ``None`` (the recipe's ``calibration.source``),
-a source name or file (``"c4"``, ``"wikitext2"``, ``"self"``, ``.txt``/``.json``/``.jsonl``/
-``.parquet``), a list of documents, or token ids ``(n_samples, seq_len)`` used as given.
-Text is tokenized and sampled by the protocol of ``../shared/data/README.md``. The source
-``"none"`` runs no forward at all; only a magnitude-only recipe accepts it, and its report
-then has no reconstruction loss.
+a source name or file (``"c4"``, ``"wikitext2"``, ``"hub:c4"``, ``"self"``,
+``.txt``/``.json``/``.jsonl``/``.parquet``), a list of documents, or token ids
+``(n_samples, seq_len)`` used as given. :func:`select_calibration` decides which, once,
+where a run starts; the driver then receives token ids, or nothing for the source
+``"none"`` (magnitude only: no forward runs, and the report has no reconstruction loss).
+Text is tokenized and sampled by the protocol of ``../shared/data/README.md``; the names
+``c4`` and ``wikitext2`` are read from the data folder (``data_dir``, else
+``$OBS_COMPRESS_DATA_DIR``).
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import torch
 from torch import nn
 
 from .data import calibration_samples, load_texts, self_generated_texts
-from .driver import PruneReport, build_plan, prune_model
+from .driver import prune_model
 from .errors import InvalidArgument
-from .export.checkpoint import check_output_dir
+from .export.checkpoint import check_output_dir, check_shard_size
 from .export.checkpoint import save_pretrained as _save_pretrained
 from .model.loading import load_model
+from .plan import build_plan, check_runs_without_data
 from .recipe import NO_CALIBRATION, CalibrationSettings, Recipe, load_recipe
+from .report import PruneReport
 
 logger = logging.getLogger(__name__)
 
@@ -48,48 +53,78 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     return torch.device(device)
 
 
-def calibration_source(dataset: Any, calibration: CalibrationSettings) -> str | None:
-    """The named source or file ``dataset`` stands for (the recipe's when None), or None when
-    documents or token ids are given directly."""
-    if dataset is None:
-        return calibration.source
-    if isinstance(dataset, (str, os.PathLike)):
-        return os.fspath(dataset)
-    return None
+@dataclass(frozen=True)
+class Calibration:
+    """A run's calibration data, as :func:`select_calibration` decided it.
+
+    Exactly one of: ``token_ids`` (given as such), ``documents`` (given as a list of
+    strings), or ``source`` (a name, a file, ``"self"`` or ``"none"``).
+    """
+
+    settings: CalibrationSettings
+    source: str | None = None
+    documents: tuple[str, ...] | None = None
+    token_ids: torch.Tensor | None = None
+
+    @property
+    def is_none(self) -> bool:
+        """No calibration data at all: magnitude pruning from the weights alone."""
+        return self.source == NO_CALIBRATION
+
+    def input_ids(self, *, tokenizer: Any = None, model: nn.Module | None = None,
+                  data_dir: str | os.PathLike | None = None) -> torch.Tensor:
+        """The calibration token ids ``(n_samples, seq_len)``, int64."""
+        settings = self.settings
+        if self.token_ids is not None:
+            return self.token_ids
+        if self.is_none:
+            raise InvalidArgument(f"calibration source {NO_CALIBRATION!r} gives no calibration "
+                                  "data; name a source (c4, wikitext2, self or a file)")
+        if tokenizer is None:
+            raise InvalidArgument("calibrating on text needs a tokenizer: pass tokenizer=..., or "
+                                  "give token ids (n_samples, seq_len) as the dataset")
+        if self.documents is not None:
+            texts = list(self.documents)
+        elif self.source == SELF_SOURCE:
+            if model is None:
+                raise InvalidArgument("--dataset self needs the model to generate text")
+            logger.info("generating %d calibration texts with the model itself",
+                        settings.n_samples)
+            texts = self_generated_texts(model, tokenizer, n_texts=settings.n_samples,
+                                         max_new_tokens=settings.seq_len * 3 // 2 + 16,
+                                         seed=settings.seed)
+        else:
+            texts = load_texts(self.source, start=settings.start, stop=settings.stop,
+                               data_dir=data_dir)
+        return calibration_samples(tokenizer, texts, n_samples=settings.n_samples,
+                                   seq_len=settings.seq_len, seed=settings.seed)
 
 
-def calibration_input_ids(dataset: Any, *, tokenizer: Any, calibration: CalibrationSettings,
-                          model: nn.Module | None = None) -> torch.Tensor:
-    """Calibration token ids ``(n_samples, seq_len)`` from any accepted ``dataset`` form."""
+def select_calibration(dataset: Any, settings: CalibrationSettings) -> Calibration:
+    """Decide what calibrates a run: ``dataset`` as given, or the recipe's source when None."""
+    if isinstance(dataset, Calibration):
+        return dataset
     if isinstance(dataset, torch.Tensor):
         if dataset.ndim != 2 or dataset.is_floating_point() or dataset.numel() == 0:
             raise InvalidArgument("calibration token ids must be an integer tensor (n_samples, "
                                   f"seq_len), got {tuple(dataset.shape)} {dataset.dtype}")
-        return dataset.to(torch.int64)
-    if tokenizer is None:
-        raise InvalidArgument("calibrating on text needs a tokenizer: pass tokenizer=..., or "
-                              "give token ids (n_samples, seq_len) as the dataset")
-    source = calibration_source(dataset, calibration)
-    if source == NO_CALIBRATION:
-        raise InvalidArgument(f"calibration source {NO_CALIBRATION!r} gives no calibration "
-                              "data; name a source (c4, wikitext2, self or a file)")
-    if source == SELF_SOURCE:
-        if model is None:
-            raise InvalidArgument("--dataset self needs the model to generate text")
-        logger.info("generating %d calibration texts with the model itself",
-                    calibration.n_samples)
-        texts = self_generated_texts(model, tokenizer, n_texts=calibration.n_samples,
-                                     max_new_tokens=calibration.seq_len * 3 // 2 + 16,
-                                     seed=calibration.seed)
-    elif source is not None:
-        texts = load_texts(source, start=calibration.start, stop=calibration.stop)
-    elif isinstance(dataset, Sequence) and all(isinstance(t, str) for t in dataset):
-        texts = list(dataset)
-    else:
-        raise InvalidArgument("dataset must be a source name or file, a list of documents, or "
-                              f"token ids (n_samples, seq_len); got {type(dataset).__name__}")
-    return calibration_samples(tokenizer, texts, n_samples=calibration.n_samples,
-                               seq_len=calibration.seq_len, seed=calibration.seed)
+        return Calibration(settings, token_ids=dataset.to(torch.int64))
+    if dataset is None:
+        return Calibration(settings, source=settings.source)
+    if isinstance(dataset, (str, os.PathLike)):
+        return Calibration(settings, source=os.fspath(dataset))
+    if isinstance(dataset, Sequence) and all(isinstance(text, str) for text in dataset):
+        return Calibration(settings, documents=tuple(dataset))
+    raise InvalidArgument("dataset must be a source name or file, a list of documents, or "
+                          f"token ids (n_samples, seq_len); got {type(dataset).__name__}")
+
+
+def calibration_input_ids(dataset: Any, *, tokenizer: Any, calibration: CalibrationSettings,
+                          model: nn.Module | None = None,
+                          data_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """Calibration token ids ``(n_samples, seq_len)`` from any accepted ``dataset`` form."""
+    return select_calibration(dataset, calibration).input_ids(tokenizer=tokenizer, model=model,
+                                                              data_dir=data_dir)
 
 
 def _tokenizer_for(model: nn.Module):
@@ -105,42 +140,44 @@ def _tokenizer_for(model: nn.Module):
         return None
 
 
-def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None = None,
-            dataset: Any = None, *, tokenizer: Any = None,
-            device: str | torch.device | None = None, batch_size: int = 8,
-            sequential: bool | None = None, progress: bool = True) -> PruneReport:
-    """Prune ``model`` in place by ``recipe`` and return the per-layer report.
-
-    The recipe is checked against the model (targets, N:M widths) before any weight
-    changes. ``device``: where each block runs (``"auto"``, ``"cuda"``, ``"cpu"``; None:
-    where the model is); only one block at a time is moved there. ``sequential``: None
-    keeps the recipe's. An error past the checks (non-finite activations in block 5, say)
-    leaves the blocks before it pruned: reload the model before trying again.
-    """
-    recipe = load_recipe(recipe)
-    plan = build_plan(model, recipe)
-    if calibration_source(dataset, recipe.calibration) == NO_CALIBRATION:
-        # refused by the driver unless the recipe is magnitude only
-        logger.info("no calibration data (magnitude only): pruning %d layers in %d blocks of "
-                    "%s from their weights alone", len(plan.layers), len(plan.blocks),
-                    plan.stack.name)
-        return prune_model(model, plan, None, progress=progress,
-                           model_name=getattr(model, "name_or_path", "") or "")
-    if tokenizer is None and not isinstance(dataset, torch.Tensor):
-        tokenizer = _tokenizer_for(model)
-    input_ids = calibration_input_ids(dataset, tokenizer=tokenizer,
-                                      calibration=recipe.calibration, model=model)
+def _check_vocabulary(model: nn.Module, input_ids: torch.Tensor) -> None:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embeddings, "num_embeddings", None)
     if vocab is not None and int(input_ids.max()) >= vocab:
         raise InvalidArgument(f"calibration token id {int(input_ids.max())} is outside the "
                               f"model's vocabulary ({vocab}); was another tokenizer used?")
+
+
+def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None = None,
+            dataset: Any = None, *, tokenizer: Any = None,
+            device: str | torch.device | None = None, batch_size: int = 8,
+            sequential: bool | None = None, progress: bool = True,
+            data_dir: str | os.PathLike | None = None) -> PruneReport:
+    """Prune ``model`` in place by ``recipe`` and return the per-layer report.
+
+    The recipe is checked against the model (targets, N:M widths) before any weight
+    changes. ``device``: where each block runs (``"auto"``, ``"cuda"``, ``"cpu"``; None:
+    where the model is); only one block at a time is moved there. ``sequential``: None
+    keeps the recipe's. ``data_dir``: the folder of the named data sets (else
+    ``$OBS_COMPRESS_DATA_DIR``). An error past the checks (non-finite activations in block
+    5, say) leaves the blocks before it pruned: reload the model before trying again.
+    """
+    recipe = load_recipe(recipe)
+    plan = build_plan(model, recipe)
+    calibration = select_calibration(dataset, recipe.calibration)
+    model_name = getattr(model, "name_or_path", "") or ""
+    if calibration.is_none:  # the driver refuses a plan that needs data
+        return prune_model(model, plan, None, progress=progress, model_name=model_name)
+    if tokenizer is None and calibration.token_ids is None:
+        tokenizer = _tokenizer_for(model)
+    input_ids = calibration.input_ids(tokenizer=tokenizer, model=model, data_dir=data_dir)
+    _check_vocabulary(model, input_ids)
     logger.info("calibrating on %d samples of %d tokens; pruning %d layers in %d blocks of %s",
                 input_ids.shape[0], input_ids.shape[1], len(plan.layers), len(plan.blocks),
                 plan.stack.name)
     return prune_model(model, plan, input_ids, device=resolve_device(device),
                        batch_size=batch_size, sequential=sequential, progress=progress,
-                       model_name=getattr(model, "name_or_path", "") or "")
+                       model_name=model_name)
 
 
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None,
@@ -171,20 +208,26 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                      device: str | torch.device | None = "auto", overwrite: bool = False,
                      allow_pickle: bool = False, trust_remote_code: bool = False,
                      dtype: Any = None, batch_size: int = 8, progress: bool = True,
-                     max_shard_size: int | str = "2GB") -> PruneRun:
+                     max_shard_size: int | str = "2GB",
+                     data_dir: str | os.PathLike | None = None) -> PruneRun:
     """Load ``model`` (folder or hub id), prune it by ``recipe``, write it to ``out_dir``.
 
-    The output folder is checked first, so a refusal comes before the work; the source is
-    never modified; nothing is left in ``out_dir`` unless the run completes.
+    The output folder and the calibration choice are checked first, so a refusal comes
+    before the work; the source is never modified; nothing is left in ``out_dir`` unless
+    the run completes.
     """
     start = time.perf_counter()
     recipe = load_recipe(recipe)
     source = Path(model).expanduser()
     check_output_dir(out_dir, overwrite=overwrite, source=source if source.exists() else None)
+    check_shard_size(max_shard_size)
+    calibration = select_calibration(dataset, recipe.calibration)
+    if calibration.is_none:
+        check_runs_without_data(recipe)
     loaded = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                         dtype=dtype)
-    report = oneshot(loaded.model, recipe, dataset, tokenizer=loaded.tokenizer, device=device,
-                     batch_size=batch_size, progress=progress)
+    report = oneshot(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer,
+                     device=device, batch_size=batch_size, progress=progress, data_dir=data_dir)
     report.model = loaded.source
     out = _save_pretrained(loaded.model, out_dir, tokenizer=loaded.tokenizer,
                            source=loaded.local_folder, recipe=recipe, report=report,
@@ -193,5 +236,5 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                     seconds=time.perf_counter() - start)
 
 
-__all__ = ["PruneRun", "calibration_input_ids", "calibration_source", "oneshot", "prune_checkpoint", "resolve_device",
-           "save_pretrained"]
+__all__ = ["Calibration", "PruneRun", "calibration_input_ids", "oneshot", "prune_checkpoint",
+           "resolve_device", "save_pretrained", "select_calibration"]
