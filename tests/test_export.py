@@ -12,10 +12,10 @@ import yaml
 from _tiny_models import char_tokenizer, folder_digest, minilm_folder, save_tiny, tiny_model
 from obs_compress.api import oneshot, save_pretrained
 from obs_compress.errors import InvalidArgument, OutputExistsError
+from obs_compress.errors import InvalidArgument as BadArgument
 from obs_compress.export.checkpoint import (PARTIAL_INFIX, REPORT_NAME, atomic_output_dir,
-                                            checkpoint_tensors, load_pretrained)
+                                            check_shard_size, load_pretrained)
 from obs_compress.export.inspection import inspect_checkpoint, nm_holds
-from obs_compress.export.safetensors_writer import ShardedSafetensorsWriter, parse_size
 from obs_compress.math.masks import Pattern
 from obs_compress.recipe import load_recipe
 
@@ -85,7 +85,7 @@ def test_sharded_output_loads_back(tmp_path, input_ids):
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(checkpoint_tensors(model))
+    assert set(index["weight_map"]) == set(model.state_dict())  # untied: every tensor once
     assert_same_tensors(model, AutoModelForCausalLM.from_pretrained(out))
     assert load_pretrained(out).tokenizer is None  # none was given and the model had none
 
@@ -181,25 +181,57 @@ def test_nm_holds():
     assert nm_holds(weight.T.contiguous(), Pattern(2, 4), 0)
 
 
-def test_writer_shards_views_and_shared_storage(tmp_path):
-    from safetensors.torch import load_file
+def tensor_bytes(tensor):
+    """The raw bytes of a tensor as stored (any dtype, bf16 too)."""
+    return tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
-    base = torch.arange(12.0).reshape(3, 4)
-    writer = ShardedSafetensorsWriter(tmp_path, max_shard_size=1000)
-    writer.add("a", base)
-    writer.add("b", base[1:])  # a view into a's storage
-    writer.add("c", base.T)  # non-contiguous
-    with pytest.raises(ValueError, match="already written"):
-        writer.add("a", base)
-    assert writer.close() == ["model.safetensors"]
+
+def file_tensor_bytes(folder):
+    from safetensors import safe_open
+
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                found[name] = tensor_bytes(handle.get_tensor(name))
+    return found
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_exported_tensors_equal_the_model_byte_for_byte(tmp_path, input_ids, family):
+    """Every tensor in the files has the bytes of the pruned model's tensor: a pruned zero
+    is +0.0 as the solver wrote it (a writer writing -0.0 passes torch.equal, not this)."""
+    model, recipe, report = pruned(family, input_ids)
+    out = save_pretrained(model, tmp_path / "out", recipe=recipe, report=report)
+    written = file_tensor_bytes(out)
+    state = model.state_dict()
+    assert set(written) <= set(state) and written
+    for name, data in written.items():
+        assert data == tensor_bytes(state[name]), name
+    targets = [f"{layer.name}.weight" for layer in report.layers]
+    for name in targets:
+        zeros = state[name] == 0
+        assert zeros.any() and not torch.signbit(state[name][zeros]).any(), name
+    # The comparison is one that a -0.0 writer fails while torch.equal passes.
+    negative = state[targets[0]].clone()
+    negative[negative == 0] = -0.0
+    assert torch.equal(negative, state[targets[0]])
+    assert tensor_bytes(negative) != written[targets[0]]
+
+
+def test_files_get_umask_permissions_and_shard_sizes_are_checked(tmp_path, input_ids):
+    model, recipe, report = pruned("llama", input_ids)
+    out = save_pretrained(model, tmp_path / "out", recipe=recipe, report=report)
     umask = os.umask(0o022)
     os.umask(umask)
-    assert os.stat(tmp_path / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask
-    loaded = load_file(tmp_path / "model.safetensors")
-    assert torch.equal(loaded["b"], base[1:]) and torch.equal(loaded["c"], base.T)
-    assert parse_size("2GB") == 2 * 10**9 and parse_size("1MiB") == 2**20 and parse_size(5) == 5
-    with pytest.raises(ValueError):
-        parse_size("lots")
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+    for path in out.iterdir():
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path.name
+    assert check_shard_size("2GB") == 2 * 10**9 and check_shard_size("1MiB") == 2**20
+    assert check_shard_size(5) == 5
+    for bad in ("lots", 0, -3, True):
+        with pytest.raises(BadArgument, match="max shard size"):
+            check_shard_size(bad)
 
 
 def test_minilm_two_of_four_round_trip(tmp_path):

@@ -1,21 +1,24 @@
 """Write a pruned model as a Hugging Face folder that stock ``transformers`` loads unchanged.
 
-The folder holds safetensors shards (:mod:`.safetensors_writer`), ``config.json`` with a
-``sparsity`` section (method, pattern, global sparsity, targets), the generation config, the
-tokenizer files copied from the source, the recipe used (``recipe.yaml``) and the run's
-report (``obs_compress_report.json``).
+One writer: ``model.save_pretrained`` (transformers' public call) writes the weights,
+``config.json`` and the generation config into a temporary folder; this module adds what
+transformers does not know about: the ``sparsity`` section of ``config.json`` (method,
+pattern, global sparsity, targets), the tokenizer files copied from the source, the recipe
+used (``recipe.yaml``) and the run's report (``obs_compress_report.json``). transformers
+owns the state dict (tied weights written once, loading-time renames reverted, shards and
+their index), so a checkpoint it writes is one it reads back.
 
 Atomic: everything is written into a hidden sibling folder
 ``.<out>.partial-<pid>-<random>`` that is renamed to ``out`` only when complete; on any error
 (or Ctrl-C) it is removed. A run killed outright can leave such a folder behind; it is
 clearly named, never mistaken for a checkpoint, and removed by the next save into the same
 parent once its process is gone. An existing non-empty ``out`` is refused unless
-``overwrite``, and ``out`` may never be, contain or sit inside the source folder.
+``overwrite``, and ``out`` may never be, contain or sit inside the source folder. Files and
+folders get the ordinary umask permissions (a temporary folder would otherwise stay 0700).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -25,12 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-import torch
 from torch import nn
 
 from ..errors import InvalidArgument, OutputExistsError, UnsupportedModel
 from ..model.blocks import find_block_stack, find_layers
-from .safetensors_writer import ShardedSafetensorsWriter
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,17 @@ def remove_stale_partials(out: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def apply_umask_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions a new file or folder gets
+    (0o666 / 0o777 minus the umask): the temporary folder and some writers' files would
+    otherwise be private (0o700 / 0o600) and hide the checkpoint from other users."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
                       source: str | os.PathLike | None = None) -> Iterator[Path]:
@@ -125,6 +137,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     committed = False
     try:
         yield partial
+        apply_umask_permissions(partial)
         # Checked again: something may have appeared in ``out`` during a long run.
         check_output_dir(out, overwrite=overwrite, source=source)
         if out.exists():
@@ -146,37 +159,6 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
 
 
 # --------------------------------------------------------------------------- contents
-
-
-def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors ``save_pretrained`` would write, under the names it would write them.
-
-    ``model.state_dict()`` minus ``_keys_to_ignore_on_save``, minus tied duplicates (e.g.
-    ``lm_head.weight`` tied to the embeddings), with transformers' loading-time renames
-    reverted, using transformers' own helpers where it has them.
-    """
-    state = model.state_dict()
-    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
-        state.pop(key, None)
-    try:
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
-    except ImportError:  # older transformers: drop later names of a shared storage
-        seen: set[tuple[int, int]] = set()
-        for key in list(state):
-            tensor = state[key]
-            identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-            if identity in seen:
-                del state[key]
-            seen.add(identity)
-    else:
-        state = remove_tied_weights_from_state_dict(state, model)
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        pass
-    else:
-        state = revert_weight_conversion(model, state)
-    return dict(state)
 
 
 def model_sparsity(model: nn.Module) -> tuple[float, list[str]]:
@@ -231,24 +213,50 @@ def _quant_method(quantization: Any) -> str | None:
     return str(method).lower() if method is not None else None
 
 
-def _saved_config(model: nn.Module):
-    config = copy.deepcopy(model.config)
-    config.architectures = [type(model).__name__]
-    dtype = getattr(model, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        config.dtype = str(dtype).split(".")[1]
+@contextmanager
+def _as_plain_weights(model: nn.Module) -> Iterator[None]:
+    """The model as plain weights for ``save_pretrained``, restored afterwards.
+
+    A GGUF model is dequantized on load, so its tensors are plain already, but it still
+    carries the quantizer and ``quantization_config``: without them for the duration, the
+    saved folder would claim a GGUF quantization. Any other quantization is refused.
+    """
     quantizer = getattr(model, "hf_quantizer", None)
+    config = model.config
     quantization = getattr(config, "quantization_config", None)
-    if quantizer is not None or quantization is not None:
-        method = _quant_method(quantization) or _quant_method(
-            getattr(quantizer, "quantization_config", None))
-        if method != "gguf":
-            raise UnsupportedModel(f"model is quantized ({method}); load it in full precision "
-                                   "to prune and save it")
-        # GGUF weights are dequantized on load: the tensors written here are plain.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-    return config
+    if quantizer is None and quantization is None:
+        yield
+        return
+    method = _quant_method(quantization) or _quant_method(
+        getattr(quantizer, "quantization_config", None))
+    if method != "gguf":
+        raise UnsupportedModel(f"model is quantized ({method}); load it in full precision "
+                               "to prune and save it")
+    had_quantization = hasattr(config, "quantization_config")
+    model.hf_quantizer = None
+    if had_quantization:
+        del config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if had_quantization:
+            config.quantization_config = quantization
+
+
+def check_shard_size(max_shard_size: int | str) -> int:
+    """``max_shard_size`` in bytes (``"2GB"``, ``"500MiB"``, ``5000000``), checked before a
+    long run rather than at its end; the parsing is transformers' own."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        size = None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InvalidArgument(f"max shard size {max_shard_size!r} must be a positive number of "
+                              "bytes or a number with a unit (e.g. '2GB', '500MiB')")
+    return size
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
@@ -266,26 +274,12 @@ def write_folder_contents(folder: Path, model: nn.Module, *, tokenizer: Any = No
                           source: str | os.PathLike | None = None, recipe: Any = None,
                           report: Any = None, max_shard_size: int | str = "2GB") -> None:
     """Write weights, config, tokenizer, recipe and report into ``folder`` (no atomicity)."""
-    writer = ShardedSafetensorsWriter(folder, max_shard_size=max_shard_size)
-    writer.add_tensors(checkpoint_tensors(model))
-    writer.close()
-
-    config = _saved_config(model)
-    config.save_pretrained(folder)
+    with _as_plain_weights(model):
+        model.save_pretrained(folder, max_shard_size=check_shard_size(max_shard_size))
     config_path = folder / CONFIG_NAME
     data = json.loads(config_path.read_text(encoding="utf-8"))
     data[SPARSITY_KEY] = sparsity_section(model, recipe=recipe, report=report)
     config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    can_generate = getattr(model, "can_generate", None)
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and callable(can_generate) and can_generate():
-        generation_config.save_pretrained(folder)
-    is_remote_code = getattr(model, "is_remote_code", None)
-    if callable(is_remote_code) and is_remote_code():
-        from transformers.dynamic_module_utils import custom_object_save
-
-        custom_object_save(model, folder, config=config)
 
     source_folder = Path(source).expanduser() if source is not None else None
     copied = []
@@ -342,7 +336,7 @@ def read_sparsity_section(folder: str | os.PathLike) -> Mapping[str, Any] | None
     return json.loads(config.read_text(encoding="utf-8")).get(SPARSITY_KEY)
 
 
-__all__ = ["RECIPE_NAME", "REPORT_NAME", "atomic_output_dir", "check_output_dir",
-           "checkpoint_tensors", "copy_tokenizer_files", "load_pretrained",
+__all__ = ["RECIPE_NAME", "REPORT_NAME", "apply_umask_permissions", "atomic_output_dir",
+           "check_output_dir", "check_shard_size", "copy_tokenizer_files", "load_pretrained",
            "read_sparsity_section", "remove_stale_partials", "save_pretrained",
            "sparsity_section", "write_folder_contents"]
