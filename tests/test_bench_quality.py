@@ -245,7 +245,7 @@ def test_sparsity_check_on_a_tiny_llama(bench):
 def test_quick_run_end_to_end(tmp_path):
     pytest.importorskip("llmcompressor")
     from obs_compress.errors import ModelLoadError
-    from obs_compress.model.convert import ensure_smollm2
+    from convert_gguf import ensure_smollm2
 
     try:
         ensure_smollm2()

@@ -1,4 +1,4 @@
-"""Tests of obs_compress.data (protocol text and tokens) and obs_compress.model.convert.
+"""Tests of obs_compress.data (protocol text and tokens) and tools/convert_gguf.py.
 
 The token digests below are the ones ``../shared/data/README.md`` lists for the SmolLM2
 tokenizer: matching them proves the protocol (files, slices, joins, windows, calibration draws)
@@ -31,7 +31,7 @@ from obs_compress.data import (
     token_digest,
 )
 from obs_compress.errors import InvalidArgument, ModelLoadError, ObsCompressError, OutputExistsError
-from obs_compress.model import convert
+import convert_gguf as convert
 
 README_DIGESTS = {
     "wikitext2": "f9431c1508d7d212",
@@ -298,7 +298,7 @@ def test_self_generated_texts_are_seeded_and_leave_state_alone(tokenizer):
     assert self_generated_texts(model, tokenizer, n_texts=3, max_new_tokens=12, seed=6) != texts
 
 
-# ---- Model location and conversion (obs_compress.model.convert) -----------------------------
+# ---- Model location and conversion (tools/convert_gguf.py) -----------------------------------
 
 
 def test_smollm2_conversion_is_complete_and_plain(smollm2_path):

@@ -1102,7 +1102,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise BenchError("llmcompressor is not installed: pip install -e '.[bench]'")
 
     if args.model is None:
-        from obs_compress.model.convert import ensure_smollm2
+        from convert_gguf import ensure_smollm2
 
         folder = ensure_smollm2()
         model_name = "SmolLM2-135M-Instruct"

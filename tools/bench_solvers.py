@@ -25,8 +25,8 @@ import torch
 from obs_compress import HessianAccumulator, prune_weight
 from obs_compress.algorithms.sparsegpt import sparsegpt
 from obs_compress.data import calibration_samples, load_texts
-from obs_compress.math import Curvature, parse_pattern, prepare_curvature
-from obs_compress.model.convert import ensure_smollm2
+from obs_compress.math import parse_pattern, prepare_curvature
+from convert_gguf import ensure_smollm2
 
 LAYERS = {  # name -> (block, module path inside the block)
     "q_proj": (2, "self_attn.q_proj"),

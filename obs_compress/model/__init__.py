@@ -4,7 +4,6 @@
 * :mod:`.capture`: capture block 0's inputs (with the keyword arguments the block needs).
 * :mod:`.hooks`: forward hooks feeding Hessian accumulators; onload/offload of one module.
 * :mod:`.loading`: load a checkpoint safely (no pickle, no remote code unless asked).
-* :mod:`.convert`: turn the GGUF SmolLM2 into a safetensors folder; locate the test models.
 """
 
 from .blocks import BlockStack, PrunableLayer, find_block_stack, find_layers, is_prunable

@@ -83,14 +83,17 @@ def _own_device(module: nn.Module) -> torch.device | None:
 
 
 def _move_own_tensors_(module: nn.Module, device: torch.device) -> None:
-    """Move ``module``'s own parameters and buffers (not its children's) to ``device``,
-    keeping every ``Parameter`` object, so tied weights stay tied."""
+    """Move ``module``'s own parameters and buffers (not its children's) to ``device``.
+
+    Every ``Parameter`` object is kept (its ``.data`` moves), so tied weights stay tied;
+    assigning a buffer by name keeps it registered as it was (persistent or not).
+    """
     for param in module.parameters(recurse=False):
         if param.device != device:
             param.data = param.data.to(device)
-    for key, buffer in module._buffers.items():
-        if buffer is not None and buffer.device != device:
-            module._buffers[key] = buffer.to(device)
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        if buffer.device != device:
+            setattr(module, name, buffer.to(device))
 
 
 @contextmanager
