@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from obs_compress.errors import InvalidArgument
+from obs_compress_kernels import nm_mask
 from obs_compress.math.masks import (Pattern, allocate_by_increments, check_pattern_fits,
-                                     check_sparsity, mask_lowest, mask_lowest_nm, parse_pattern,
+                                     check_sparsity, mask_lowest, parse_pattern,
                                      prune_count, split_count)
 from obs_compress.math.saliency import magnitude_saliency, obd_saliency, obs_saliency
 
@@ -47,9 +48,9 @@ def test_counts_round_half_up_and_split_exactly():
 def test_nm_mask_hand_oracle():
     # Weights 1..8 in two groups of 4: 2:4 prunes the two smallest of each group.
     scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 8.0, 5.0, 7.0, 6.0]])
-    mask = mask_lowest_nm(scores, Pattern(2, 4))
+    mask = nm_mask(scores, 2, 4)
     assert mask.tolist() == [[False, True, False, True, False, True, False, True]]
-    assert mask_lowest_nm(scores, Pattern(1, 4)).sum().item() == 6
+    assert nm_mask(scores, 1, 4).sum().item() == 6
 
 
 def test_row_and_layer_masks():

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from ..math.masks import Pattern, mask_lowest, mask_lowest_nm
+from obs_compress_kernels import nm_mask
+
+from ..math.masks import Pattern, mask_lowest
 from ..math.saliency import magnitude_saliency, obd_saliency
 
 
 def _mask(scores: torch.Tensor, sparsity: float, pattern: Pattern, allocation: str):
-    if pattern.is_nm:
-        return mask_lowest_nm(scores, pattern)
+    if pattern.is_nm:  # ties go to the lowest index, on CPU (torch) and GPU (Triton) alike
+        return nm_mask(scores, pattern.n, pattern.m)
     return mask_lowest(scores, sparsity, allocation)
 
 

@@ -6,7 +6,8 @@ Shapes: scores and masks ``(d_out, d_in)``; a mask is bool, True where a weight 
 * Unstructured with ``allocation="layer"``: the layer prunes ``round(sparsity * numel)``
   in total, rows differ.
 * ``N:M`` (NVIDIA's convention): at most N nonzeros in every group of M consecutive inputs,
-  so every group holds exactly ``M - N`` zeros and the sparsity is ``1 - N/M``.
+  so every group holds exactly ``M - N`` zeros and the sparsity is ``1 - N/M``. The N:M
+  mask from scores is :func:`obs_compress_kernels.nm_mask` (one tie rule, CPU and GPU).
 
 Counts round half up: ``count(total, s) = floor(s * total + 0.5)``.
 """
@@ -112,15 +113,6 @@ def mask_lowest(scores: torch.Tensor, sparsity: float, allocation: str) -> torch
     else:
         raise InvalidArgument(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     return mask
-
-
-def mask_lowest_nm(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """In each group of ``m`` consecutive inputs prune the ``m - n`` lowest scores."""
-    rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // pattern.m, pattern.m)
-    index = torch.topk(groups, pattern.pruned_per_group, dim=2, largest=False).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, index, True)
-    return mask.reshape(rows, cols)
 
 
 def allocate_by_increments(step_loss: torch.Tensor, total: int) -> torch.Tensor:
