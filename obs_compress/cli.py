@@ -50,7 +50,7 @@ def _configure_logging(verbosity: int) -> None:
                         datefmt="%H:%M:%S")
     if verbosity <= 0:
         # transformers' own progress and advisory messages would drown ours.
-        for name in ("transformers", "datasets", "huggingface_hub", "accelerate"):
+        for name in ("transformers", "datasets", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
         from transformers.utils import logging as transformers_logging
 
