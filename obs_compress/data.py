@@ -15,20 +15,34 @@ changes a perplexity figure, so numbers compare across tools:
 Shapes: calibration samples ``(n_samples, seq_len)``, evaluation windows ``(n_windows, window)``,
 both ``torch.int64``.
 
-Local files are read with the standard library (``.txt``/``.raw``/``.json``/``.jsonl``) and
-pyarrow (``.parquet``), which keep no cache and need no network; only the hub fallback for the
-names ``"c4"``/``"wikitext2"`` goes through ``datasets``.
+Sources of text (:func:`load_texts`), and where each is read from:
+
+- ``"c4"``, ``"wikitext2"``: the files ``c4/c4_validation_2k.parquet`` and
+  ``wikitext2/wiki.test.raw`` of the data folder, which is ``data_dir=`` (the CLI's
+  ``--data-dir``) or else ``$OBS_COMPRESS_DATA_DIR`` (:func:`resolve_data_dir`); never the
+  network, and never a folder guessed from the current directory or the install location;
+- ``"hub:c4"``, ``"hub:wikitext2"``: the same data downloaded from the Hugging Face hub with
+  ``datasets``, only when named so;
+- anything else: a local file, ``.txt``/``.raw`` (one document) or ``.json``/``.jsonl``/
+  ``.parquet`` (one document per row, its ``text`` field).
+
+Local files are read with the standard library and pyarrow, which keep no cache and need no
+network. A source that cannot be read is a typed error naming the file, the folder or the hub
+data set and why: :class:`DataNotFoundError` (missing), :class:`DataReadError` (there but not
+readable), :class:`DataFormatError` (not documents); nothing falls back to another source.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -38,25 +52,47 @@ logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "OBS_COMPRESS_DATA_DIR"
 
-# Named data sets: the file under the data folder, and how to fetch the same data from the hub.
+# Named data sets: their file under the data folder. "hub:<name>" reads the same data set
+# from the Hugging Face hub instead (HUB_DATASETS says from where).
 C4_FILE = "c4/c4_validation_2k.parquet"
 WIKITEXT2_FILE = "wikitext2/wiki.test.raw"
 DATASET_FILES = {"c4": C4_FILE, "wikitext2": WIKITEXT2_FILE}
+HUB_PREFIX = "hub:"
+HUB_DATASETS = {
+    "c4": "allenai/c4, file en/c4-validation.00000-of-00008.json.gz",
+    "wikitext2": "wikitext, config wikitext-2-raw-v1, split test",
+}
 
-# The protocol's document slices and window counts (README, "The benchmark protocol").
+# The protocol's document slices and window counts (README, "The benchmark protocol"); the
+# hub sources are the same data sets, so they are cut the same way.
 CALIBRATION_DOCUMENTS = (0, 1000)  # C4 documents used for calibration
-EVALUATION_DOCUMENTS = {"c4": (1000, 2000)}  # WikiText-2 is scored as one whole string
+EVALUATION_DOCUMENTS = {"c4": (1000, 2000), "hub:c4": (1000, 2000)}  # WikiText-2: one string
 EVALUATION_WINDOW = 1024
-EVALUATION_N_WINDOWS = {"wikitext2": 40, "c4": 20}
+EVALUATION_N_WINDOWS = {"wikitext2": 40, "c4": 20, "hub:wikitext2": 40, "hub:c4": 20}
 EVALUATION_JOINER = "\n\n"
 
 TEXT_SUFFIXES = (".txt", ".raw")
 TABLE_SUFFIXES = (".json", ".jsonl", ".parquet")
 TEXT_FIELD = "text"
 
+# What to do when no data folder is known; every message that suggests the folder says this.
+_DATA_DIR_HELP = (
+    f"pass --data-dir / data_dir= or set {DATA_DIR_ENV} to the folder holding {C4_FILE} and "
+    f"{WIKITEXT2_FILE}"
+)
+_OTHER_SOURCES = (
+    f"other sources: a local file (.txt, .json, .jsonl, .parquet with a {TEXT_FIELD!r} field), "
+    f"{HUB_PREFIX}c4 or {HUB_PREFIX}wikitext2 (a download from the Hugging Face hub), or, to "
+    "calibrate, `--dataset self` (text the model generates)"
+)
+
 
 class DataNotFoundError(ObsCompressError, FileNotFoundError):
-    """A data file, the shared data folder or every source of a named data set is missing."""
+    """A data file, the data folder or a hub data set is missing or was not given."""
+
+
+class DataReadError(ObsCompressError, OSError):
+    """A data file exists but cannot be read (no permission, a folder in its place, I/O)."""
 
 
 class DataFormatError(ObsCompressError, ValueError):
@@ -71,37 +107,23 @@ class InsufficientDataError(InvalidArgument):
 # Finding and reading text
 
 
-def _repo_root_of_package() -> Path:
-    """The source checkout holding this package (its parent folder)."""
-    return Path(__file__).resolve().parents[1]
-
-
-def default_data_dir() -> Path:
-    """The shared data folder: ``$OBS_COMPRESS_DATA_DIR``, else ``<repo root>/../shared/data``.
-
-    ``<repo root>`` is looked for from the current working directory (itself, then the nearest
-    ancestor holding a ``pyproject.toml``) and from this package's location.
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data folder of the names ``"c4"``/``"wikitext2"``: ``data_dir``, else
+    ``$OBS_COMPRESS_DATA_DIR``; a :class:`DataNotFoundError` when neither is given or the
+    path is not a folder. Nothing else is looked at (no search from the current directory).
     """
-    override = os.environ.get(DATA_DIR_ENV)
-    if override:
-        path = Path(override).expanduser()
-        if not path.is_dir():
-            raise DataNotFoundError(f"${DATA_DIR_ENV} is set to {path}, which is not a folder")
-        return path.resolve()
-
-    cwd = Path.cwd().resolve()
-    roots = [cwd]
-    roots += [parent for parent in cwd.parents if (parent / "pyproject.toml").is_file()][:1]
-    roots.append(_repo_root_of_package())
-    candidates = list(dict.fromkeys((root.parent / "shared" / "data") for root in roots))
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    tried = ", ".join(str(c) for c in candidates)
-    raise DataNotFoundError(
-        f"no shared data folder found (tried {tried}); set ${DATA_DIR_ENV} to the folder holding "
-        f"{C4_FILE} and {WIKITEXT2_FILE}, or place it at <repo root>/../shared/data"
-    )
+    if data_dir is not None:
+        if not os.fspath(data_dir):
+            raise InvalidArgument(f"data_dir is an empty path; {_DATA_DIR_HELP}")
+        path, origin = Path(data_dir).expanduser(), "--data-dir / data_dir="
+    elif os.environ.get(DATA_DIR_ENV):
+        path, origin = Path(os.environ[DATA_DIR_ENV]).expanduser(), f"${DATA_DIR_ENV}"
+    else:
+        raise DataNotFoundError(f"no data folder given: {_DATA_DIR_HELP}; {_OTHER_SOURCES}")
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise DataNotFoundError(f"{origin} is set to {path}, which {what}; {_DATA_DIR_HELP}")
+    return path.resolve()
 
 
 def _check_text(value: object, path: Path, row: int) -> str:
@@ -138,64 +160,87 @@ def _texts_from_records(records: object, path: Path) -> list[str]:
     raise DataFormatError(f"{path} holds JSON of type {type(records).__name__}, not rows")
 
 
-def _read_json_lines(path: Path) -> list[str]:
+def _read_json_lines(lines, path: Path) -> list[str]:
+    """``text`` values of JSON lines; ``lines`` iterates the file's lines (newlines as ``\\n``)."""
     texts = []
-    with path.open(encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(f"{path}: line {line_number} is not JSON: {exc}") from exc
-            if not isinstance(record, dict) or TEXT_FIELD not in record:
-                raise DataFormatError(
-                    f"{path}: line {line_number} is not an object with a {TEXT_FIELD!r} field"
-                )
-            texts.append(_check_text(record[TEXT_FIELD], path, line_number - 1))
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(f"{path}: line {line_number} is not JSON: {exc}") from exc
+        if not isinstance(record, dict) or TEXT_FIELD not in record:
+            raise DataFormatError(
+                f"{path}: line {line_number} is not an object with a {TEXT_FIELD!r} field"
+            )
+        texts.append(_check_text(record[TEXT_FIELD], path, line_number - 1))
     return texts
 
 
-def _read_json(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+def _read_json(text: str, path: Path) -> list[str]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError:
         # `datasets.Dataset.to_json` writes JSON lines even under a `.json` name.
-        return _read_json_lines(path)
+        return _read_json_lines(io.StringIO(text), path)
     return _texts_from_records(records, path)
 
 
-def _read_parquet(path: Path) -> list[str]:
+def _read_parquet(file: BinaryIO, path: Path) -> list[str]:
     import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(file)
     except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
         raise DataFormatError(f"{path} is not a readable parquet file: {exc}") from exc
     if TEXT_FIELD not in schema.names:
         raise DataFormatError(
             f"{path} has no {TEXT_FIELD!r} column (columns: {', '.join(schema.names)})"
         )
-    column = pq.read_table(path, columns=[TEXT_FIELD]).column(TEXT_FIELD).to_pylist()
+    file.seek(0)
+    column = pq.read_table(file, columns=[TEXT_FIELD]).column(TEXT_FIELD).to_pylist()
     return [_check_text(value, path, row) for row, value in enumerate(column)]
 
 
+def _unreadable(path: Path, exc: OSError) -> ObsCompressError:
+    """The typed error for an ``OSError`` met while opening or reading the data file ``path``."""
+    if isinstance(exc, FileNotFoundError):
+        return DataNotFoundError(f"data file {path} does not exist")
+    if isinstance(exc, IsADirectoryError):
+        return DataReadError(f"data file {path} is a folder, not a file")
+    if isinstance(exc, PermissionError):
+        return DataReadError(f"data file {path} cannot be read: permission denied")
+    return DataReadError(f"data file {path} cannot be read: {exc.strerror or exc}")
+
+
 def _read_file(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataNotFoundError(f"data file {path} does not exist")
+    # The file is opened once, here, so that "missing" and "not readable" are told apart from
+    # "not documents" (pyarrow reports all three as OSError).
+    try:
+        file = path.open("rb")
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
     suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        # Text mode on purpose: wiki.test.raw has CRLF line endings and the protocol's figures
-        # assume Python's newline translation to "\n".
-        with path.open(encoding="utf-8") as file:
-            return [file.read()]
-    if suffix == ".jsonl":
-        return _read_json_lines(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".parquet":
-        return _read_parquet(path)
+    with file:
+        try:
+            if suffix == ".parquet":
+                return _read_parquet(file, path)
+            if suffix in TEXT_SUFFIXES + (".json", ".jsonl"):
+                # Text mode on purpose (universal newlines): wiki.test.raw has CRLF line
+                # endings and the protocol's figures assume their translation to "\n".
+                text_file = io.TextIOWrapper(file, encoding="utf-8")
+                if suffix == ".jsonl":
+                    return _read_json_lines(text_file, path)
+                if suffix == ".json":
+                    return _read_json(text_file.read(), path)
+                return [text_file.read()]
+        except UnicodeDecodeError as exc:
+            raise DataFormatError(f"{path} is not UTF-8 text: {exc}") from exc
+        except ObsCompressError:
+            raise
+        except OSError as exc:
+            raise _unreadable(path, exc) from exc
     raise DataFormatError(
         f"{path}: unsupported file type {suffix or '(no suffix)'!r}; use one of "
         f"{', '.join(TEXT_SUFFIXES + TABLE_SUFFIXES)}"
@@ -220,53 +265,73 @@ def _load_from_hub(name: str) -> list[str]:
     return ["".join(dataset[TEXT_FIELD])]
 
 
-def _load_named(name: str) -> list[str]:
-    try:
-        path = default_data_dir() / DATASET_FILES[name]
-    except DataNotFoundError as exc:
-        reason = str(exc)
-    else:
-        if path.is_file():
-            return _read_file(path)
-        reason = f"{path} does not exist"
-    logger.warning("%s; trying the Hugging Face hub for %r", reason, name)
+def _load_hub(source: str) -> list[str]:
+    """``"hub:c4"`` or ``"hub:wikitext2"``: the data set downloaded from the hub."""
+    name = source[len(HUB_PREFIX) :]
+    if name not in HUB_DATASETS:
+        raise InvalidArgument(
+            f"unknown hub data set {source!r}; the hub sources are "
+            f"{', '.join(HUB_PREFIX + known for known in HUB_DATASETS)}"
+        )
     try:
         texts = _load_from_hub(name)
-    except Exception as exc:  # any failure (offline, missing package, auth) means unreachable
+    except Exception as exc:  # offline, `datasets` missing, auth, a moved file: all say "failed"
         raise DataNotFoundError(
-            f"no {name!r} dataset is reachable: {reason}, and the hub download failed "
-            f"({type(exc).__name__}: {exc}); pass a local file (.txt, .json, .jsonl, .parquet "
-            f"with a {TEXT_FIELD!r} field) or use `--dataset self` to calibrate on text the "
-            "model generates"
+            f"could not read {source!r} ({HUB_DATASETS[name]}) from the Hugging Face hub: "
+            f"{type(exc).__name__}: {exc}; the local {name!r} holds the same data without a "
+            f"download: {_DATA_DIR_HELP}"
         ) from exc
-    logger.warning("using %r from the hub; token digests may differ from the protocol's", name)
+    logger.warning("read %r from the hub; token digests may differ from the protocol's", source)
     return texts
 
 
-def load_texts(source: str, *, start: int | None = None, stop: int | None = None) -> list[str]:
-    """Documents of a data set: ``"c4"``, ``"wikitext2"`` or a local file path.
+def _load_named(name: str, data_dir: str | os.PathLike | None) -> list[str]:
+    folder = resolve_data_dir(data_dir)
+    path = folder / DATASET_FILES[name]
+    if not path.exists():
+        raise DataNotFoundError(
+            f"data file {path} does not exist: the data folder {folder} has no "
+            f"{DATASET_FILES[name]}; {_DATA_DIR_HELP}"
+        )
+    return _read_file(path)
+
+
+def load_texts(
+    source: str | os.PathLike,
+    *,
+    start: int | None = None,
+    stop: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """Documents of a data set: ``"c4"``, ``"wikitext2"``, ``"hub:c4"``, ``"hub:wikitext2"``
+    or a local file path.
 
     A ``.txt``/``.raw`` file is one document (read whole in text mode); ``.json``, ``.jsonl``
-    and ``.parquet`` files give one document per row (their ``text`` field). The names map to
-    the shared data folder (:func:`default_data_dir`), falling back to the hub. ``start`` and
-    ``stop`` slice the documents, as ``texts[start:stop]``.
+    and ``.parquet`` files give one document per row (their ``text`` field). ``"c4"`` and
+    ``"wikitext2"`` are files of the data folder (:func:`resolve_data_dir` of ``data_dir``);
+    the ``hub:`` names download the same data sets. ``data_dir`` is only read for the local
+    names. ``start`` and ``stop`` slice the documents, as ``texts[start:stop]``.
     """
     source = os.fspath(source)
     if source in DATASET_FILES:
-        texts = _load_named(source)
+        texts = _load_named(source, data_dir)
+    elif source.startswith(HUB_PREFIX):
+        texts = _load_hub(source)
     else:
         texts = _read_file(Path(source).expanduser())
     return texts[start:stop]
 
 
-def protocol_texts(name: str) -> str:
-    """The evaluation string of the protocol for ``name``.
+def protocol_texts(name: str | os.PathLike, *, data_dir: str | os.PathLike | None = None) -> str:
+    """The evaluation string of the protocol for ``name`` (any :func:`load_texts` source).
 
     ``"wikitext2"``: ``wiki.test.raw`` whole; ``"c4"``: C4 documents ``[1000:2000]`` joined with
-    ``"\\n\\n"``; a local file: its documents (one for ``.txt``) joined with ``"\\n\\n"``.
+    ``"\\n\\n"`` (their ``hub:`` names likewise); a local file: its documents (one for ``.txt``)
+    joined with ``"\\n\\n"``. ``data_dir`` as for :func:`load_texts`.
     """
+    name = os.fspath(name)
     start, stop = EVALUATION_DOCUMENTS.get(name, (None, None))
-    texts = load_texts(name, start=start, stop=stop)
+    texts = load_texts(name, start=start, stop=stop, data_dir=data_dir)
     if not texts:
         raise InsufficientDataError(f"{name}: no documents to evaluate on")
     return EVALUATION_JOINER.join(texts)

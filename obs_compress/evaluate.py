@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -125,12 +126,15 @@ def evaluate_protocol(
     device: torch.device | str | None = None,
     batch_size: int = 1,
     progress: bool = False,
+    data_dir: str | os.PathLike | None = None,
 ) -> dict[str, PerplexityResult]:
     """Perplexity on each data set of the benchmark protocol, keyed by data set name.
 
-    ``datasets`` holds ``"wikitext2"``, ``"c4"`` or local file paths (see
-    :func:`obs_compress.data.protocol_texts`). ``n_windows`` overrides the protocol's window
-    counts (40 for WikiText-2, 20 for C4) per name; a name without a count scores every window.
+    ``datasets`` holds ``"wikitext2"``, ``"c4"``, their ``"hub:"`` names or local file paths
+    (see :func:`obs_compress.data.protocol_texts`); ``data_dir`` is the data folder of
+    ``"wikitext2"``/``"c4"`` (default ``$OBS_COMPRESS_DATA_DIR``). ``n_windows`` overrides the
+    protocol's window counts (40 for WikiText-2, 20 for C4) per name; a name without a count
+    scores every window.
     """
     counts: dict[str, int | None] = dict(EVALUATION_N_WINDOWS)
     if n_windows is not None:
@@ -138,7 +142,10 @@ def evaluate_protocol(
     results: dict[str, PerplexityResult] = {}
     for name in datasets:
         windows = evaluation_windows(
-            tokenizer, protocol_texts(name), window=window, n_windows=counts.get(name)
+            tokenizer,
+            protocol_texts(name, data_dir=data_dir),
+            window=window,
+            n_windows=counts.get(name),
         )
         result = perplexity(
             model, windows, batch_size=batch_size, device=device, progress=progress

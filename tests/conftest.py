@@ -12,13 +12,20 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The library reads the data folder only from data_dir= or $OBS_COMPRESS_DATA_DIR; the tests know
+# the project's layout (the folder beside the checkout) and say so through the variable, which
+# subprocesses (the CLI tests) inherit too.
+_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if not os.environ.get("OBS_COMPRESS_DATA_DIR") and _SHARED_DATA.is_dir():
+    os.environ["OBS_COMPRESS_DATA_DIR"] = str(_SHARED_DATA)
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The shared data folder (``$OBS_COMPRESS_DATA_DIR`` or ``<repo>/../shared/data``)."""
-    from obs_compress.data import default_data_dir
+    """The shared data folder: ``$OBS_COMPRESS_DATA_DIR``, by default ``<repo>/../shared/data``."""
+    from obs_compress.data import resolve_data_dir
 
-    return default_data_dir()
+    return resolve_data_dir()
 
 
 @pytest.fixture(scope="session")

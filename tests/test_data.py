@@ -11,6 +11,8 @@ import hashlib
 import json
 import random
 import struct
+import sys
+import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,12 +23,13 @@ from obs_compress import data
 from obs_compress.data import (
     DataFormatError,
     DataNotFoundError,
+    DataReadError,
     InsufficientDataError,
     calibration_samples,
-    default_data_dir,
     evaluation_windows,
     load_texts,
     protocol_texts,
+    resolve_data_dir,
     self_generated_texts,
     token_digest,
 )
@@ -150,37 +153,165 @@ def test_unsupported_suffix_is_rejected(tmp_path):
         load_texts(str(path))
 
 
+def test_unreadable_file_is_a_typed_error_naming_the_path_and_the_reason(tmp_path):
+    folder_in_place = tmp_path / "folder.jsonl"  # a folder where a file should be
+    folder_in_place.mkdir()
+    with pytest.raises(DataReadError, match=r"folder\.jsonl is a folder, not a file") as info:
+        load_texts(str(folder_in_place))
+    assert isinstance(info.value, OSError) and isinstance(info.value, ObsCompressError)
+
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"latin1\.txt is not UTF-8 text"):
+        load_texts(str(not_utf8))
+
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"not parquet at all")
+    with pytest.raises(DataFormatError, match=r"corrupt\.parquet is not a readable parquet file"):
+        load_texts(str(corrupt))
+
+
+def test_file_without_read_permission_is_a_typed_error(tmp_path):
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    probe.chmod(0)
+    try:
+        probe.open("rb").close()
+        pytest.skip("this user reads files whatever their permissions (root)")
+    except PermissionError:
+        pass
+    for name in ("locked.txt", "locked.parquet"):
+        path = tmp_path / name
+        path.write_text("secret", encoding="utf-8")
+        path.chmod(0)
+        try:
+            with pytest.raises(DataReadError, match=rf"{name} cannot be read: permission denied"):
+                load_texts(str(path))
+        finally:
+            path.chmod(0o600)
+
+
 def test_data_dir_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("OBS_COMPRESS_DATA_DIR", str(tmp_path))
-    assert default_data_dir() == tmp_path.resolve()
+    assert resolve_data_dir() == tmp_path.resolve()
     monkeypatch.setenv("OBS_COMPRESS_DATA_DIR", str(tmp_path / "missing"))
     with pytest.raises(DataNotFoundError, match=r"OBS_COMPRESS_DATA_DIR is set to .*missing"):
-        default_data_dir()
+        resolve_data_dir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x", encoding="utf-8")
+    monkeypatch.setenv("OBS_COMPRESS_DATA_DIR", str(a_file))
+    with pytest.raises(DataNotFoundError, match=r"file\.txt, which is not a folder"):
+        resolve_data_dir()
+
+
+def test_data_dir_argument_wins_over_the_environment(tmp_path, monkeypatch, data_dir):
+    monkeypatch.setenv("OBS_COMPRESS_DATA_DIR", str(tmp_path))  # a folder without the files
+    assert resolve_data_dir(data_dir) == data_dir.resolve()
+    assert resolve_data_dir(str(data_dir)) == data_dir.resolve()
+    (wikitext,) = load_texts("wikitext2", data_dir=data_dir)
+    assert wikitext == (data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    assert protocol_texts("wikitext2", data_dir=data_dir) == wikitext
+    with pytest.raises(DataNotFoundError, match=r"--data-dir / data_dir= is set to .*absent"):
+        load_texts("c4", data_dir=tmp_path / "absent")
+    with pytest.raises(InvalidArgument, match="data_dir is an empty path"):
+        resolve_data_dir("")
+
+
+def test_data_dir_without_the_named_file_names_the_path(tmp_path):
+    with pytest.raises(DataNotFoundError) as info:
+        load_texts("c4", data_dir=tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "c4" / "c4_validation_2k.parquet") in message
+    assert "OBS_COMPRESS_DATA_DIR" in message and "--data-dir" in message
 
 
 def test_data_dir_not_found_names_both_options(tmp_path, monkeypatch):
     monkeypatch.delenv("OBS_COMPRESS_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "_repo_root_of_package", lambda: tmp_path / "checkout")
     with pytest.raises(DataNotFoundError) as info:
-        default_data_dir()
+        resolve_data_dir()
     message = str(info.value)
-    assert "OBS_COMPRESS_DATA_DIR" in message and "../shared/data" in message
+    assert "OBS_COMPRESS_DATA_DIR" in message and "--data-dir / data_dir=" in message
+    assert "c4/c4_validation_2k.parquet" in message and "wikitext2/wiki.test.raw" in message
     assert isinstance(info.value, FileNotFoundError)
 
 
-def test_unreachable_named_data_set_suggests_local_file_or_self(tmp_path, monkeypatch):
-    monkeypatch.setenv("OBS_COMPRESS_DATA_DIR", str(tmp_path))  # a folder without the files
+def test_data_dir_is_never_found_by_walking_up(tmp_path, monkeypatch):
+    """A checkout with ../shared/data beside it: without the variable it is still an error."""
+    shared = tmp_path / "shared" / "data"
+    (shared / "c4").mkdir(parents=True)
+    (shared / "c4" / "c4_validation_2k.parquet").write_bytes(b"")
+    checkout = tmp_path / "checkout"
+    (checkout / "sub").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("", encoding="utf-8")
+    monkeypatch.delenv("OBS_COMPRESS_DATA_DIR", raising=False)
+    for cwd in (checkout, checkout / "sub"):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(DataNotFoundError, match="no data folder given"):
+            load_texts("c4")
 
-    def offline(name):
-        raise ConnectionError("offline")
 
-    monkeypatch.setattr(data, "_load_from_hub", offline)
-    with pytest.raises(DataNotFoundError, match=r"no 'c4' dataset is reachable") as info:
+def _no_hub(monkeypatch):
+    """Make any hub read fail the test: through our helper or through `datasets` itself."""
+
+    def called(*args, **kwargs):
+        pytest.fail(f"the hub was called: {args} {kwargs}")
+
+    monkeypatch.setattr(data, "_load_from_hub", called)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=called))
+
+
+def _fake_datasets(monkeypatch, load_dataset):
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+
+
+def test_named_data_set_without_a_data_folder_never_calls_the_hub(tmp_path, monkeypatch):
+    monkeypatch.delenv("OBS_COMPRESS_DATA_DIR", raising=False)
+    _no_hub(monkeypatch)
+    with pytest.raises(DataNotFoundError, match=r"no data folder given") as info:
         load_texts("c4")
     message = str(info.value)
+    assert "OBS_COMPRESS_DATA_DIR" in message and "--data-dir" in message
     assert "c4_validation_2k.parquet" in message
-    assert "--dataset self" in message and "local file" in message
+    assert "--dataset self" in message and "local file" in message and "hub:c4" in message
+    # A folder without the files is an error naming the file, not a download either.
+    monkeypatch.setenv("OBS_COMPRESS_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataNotFoundError, match=r"wikitext2/wiki\.test\.raw does not exist"):
+        load_texts("wikitext2")
+
+
+def test_hub_sources_read_the_hub_only_when_named(monkeypatch):
+    calls = []
+
+    def load_dataset(path, *args, **kwargs):
+        calls.append((path, args, kwargs))
+        if path == "allenai/c4":
+            return {"text": [f"document {i}" for i in range(2000)]}
+        return {"text": [" = Title = \n", " body\n"]}
+
+    _fake_datasets(monkeypatch, load_dataset)
+    monkeypatch.delenv("OBS_COMPRESS_DATA_DIR", raising=False)  # the hub needs no data folder
+    assert load_texts("hub:c4", start=1, stop=3) == ["document 1", "document 2"]
+    assert calls[-1][0] == "allenai/c4" and calls[-1][2]["split"] == "validation"
+    assert protocol_texts("hub:c4") == "\n\n".join(f"document {i}" for i in range(1000, 2000))
+    assert load_texts("hub:wikitext2") == [" = Title = \n body\n"]
+    assert calls[-1][:2] == ("wikitext", ("wikitext-2-raw-v1",))
+    assert data.EVALUATION_N_WINDOWS["hub:c4"] == data.EVALUATION_N_WINDOWS["c4"]
+    with pytest.raises(InvalidArgument, match=r"unknown hub data set 'hub:c5'.*hub:c4"):
+        load_texts("hub:c5")
+
+
+def test_failing_hub_read_names_the_data_set_the_cause_and_the_local_name(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    _fake_datasets(monkeypatch, offline)
+    with pytest.raises(DataNotFoundError, match=r"could not read 'hub:c4' \(allenai/c4") as info:
+        load_texts("hub:c4")
+    message = str(info.value)
+    assert "ConnectionError: offline" in message
+    assert "local 'c4'" in message and "OBS_COMPRESS_DATA_DIR" in message
+    assert isinstance(info.value.__cause__, ConnectionError)
 
 
 # ---- Tokens ----------------------------------------------------------------------------------

@@ -103,7 +103,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from obs_compress.data import CALIBRATION_DOCUMENTS, EVALUATION_N_WINDOWS, EVALUATION_WINDOW
+from obs_compress.data import (CALIBRATION_DOCUMENTS, DATA_DIR_ENV, EVALUATION_N_WINDOWS,
+                               EVALUATION_WINDOW)
 from obs_compress.errors import InvalidArgument
 from obs_compress.export.inspection import nm_holds
 from obs_compress.math.masks import Pattern as MaskPattern
@@ -380,15 +381,18 @@ class ProtocolData:
 
 
 def build_protocol_data(tokenizer, *, n_samples: int, seq_len: int, n_windows: dict[str, int],
-                        check_digests: bool) -> ProtocolData:
-    """The calibration tensors and evaluation windows, built once, with their digests."""
+                        check_digests: bool, data_dir: Path | None = None) -> ProtocolData:
+    """The calibration tensors and evaluation windows, built once, with their digests, from
+    the shared files in ``data_dir`` (None: ``$OBS_COMPRESS_DATA_DIR``)."""
     from obs_compress.data import (calibration_samples, evaluation_windows, load_texts,
                                    protocol_texts, token_digest)
 
-    texts = load_texts("c4", start=CALIBRATION_DOCUMENTS[0], stop=CALIBRATION_DOCUMENTS[1])
+    texts = load_texts("c4", start=CALIBRATION_DOCUMENTS[0], stop=CALIBRATION_DOCUMENTS[1],
+                       data_dir=data_dir)
     calibration = calibration_samples(tokenizer, texts, n_samples=n_samples, seq_len=seq_len,
                                       seed=PROTOCOL_SEED)
-    windows = {name: evaluation_windows(tokenizer, protocol_texts(name), window=EVAL_WINDOW,
+    windows = {name: evaluation_windows(tokenizer, protocol_texts(name, data_dir=data_dir),
+                                        window=EVAL_WINDOW,
                                         n_windows=n_windows[name]) for name in EVAL_SETS}
     digests = {"calibration": token_digest(calibration),
                **{name: token_digest(ids) for name, ids in windows.items()}}
@@ -1025,6 +1029,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=None,
                         help="Hugging Face folder of a causal LM (default: SmolLM2-135M-Instruct, "
                              "converted once into .cache/models)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder holding the shared c4/ and wikitext2/ files "
+                             f"(default: ${DATA_DIR_ENV})")
     parser.add_argument("--methods", default=",".join(METHOD_ORDER),
                         help="comma-separated, from: " + ", ".join(METHOD_ORDER))
     parser.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS),
@@ -1113,7 +1120,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     data = build_protocol_data(tokenizer, n_samples=n_samples, seq_len=seq_len,
-                               n_windows=n_windows,
+                               n_windows=n_windows, data_dir=args.data_dir,
                                check_digests=args.model is None and not args.no_digest_check)
     meta = {"started": now_iso(), "model": model_name, "quick": args.quick,
             "machine": machine_info(), "versions": versions(), "protocol": data.description,

@@ -24,7 +24,7 @@ import torch
 
 from obs_compress import HessianAccumulator, prune_weight
 from obs_compress.algorithms.sparsegpt import sparsegpt
-from obs_compress.data import calibration_samples, load_texts
+from obs_compress.data import DATA_DIR_ENV, calibration_samples, load_texts
 from obs_compress.math import parse_pattern, prepare_curvature
 from convert_gguf import ensure_smollm2
 
@@ -136,6 +136,8 @@ def markdown(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="SmolLM2 folder (default: convert once)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"folder holding the shared c4/ files (default: ${DATA_DIR_ENV})")
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument("--n-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -149,7 +151,7 @@ def main():
     folder = args.model or ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    texts = load_texts("c4", start=0, stop=1000)
+    texts = load_texts("c4", start=0, stop=1000, data_dir=args.data_dir)
     tokens = calibration_samples(tokenizer, texts, n_samples=args.n_samples, seq_len=args.seq_len,
                                  seed=0)
     curvatures, weights = layer_hessians(model, tokens, args.layers)

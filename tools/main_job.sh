@@ -6,6 +6,7 @@
 #   bash tools/main_job.sh                                  # the whole job
 #   RECIPE=recipes/obs-2of4.yaml bash tools/main_job.sh     # another recipe
 #   bash tools/main_job.sh --set calibration.n_samples=16   # extra arguments go to `prune`
+#   OBS_COMPRESS_DATA_DIR=/data bash tools/main_job.sh      # another folder of c4/, wikitext2/
 #
 # The pruned checkpoint goes to $OUT (default out/smollm2-<recipe>), replaced on a rerun.
 set -euo pipefail
@@ -13,6 +14,9 @@ cd "$(dirname "$0")/.."
 RECIPE=${RECIPE:-recipes/obs-50.yaml}
 OUT=${OUT:-out/smollm2-$(basename "$RECIPE" .yaml)}
 DEVICE=${DEVICE:-auto}
+# The folder of the named data sets c4 and wikitext2: the shared one beside the checkout,
+# unless the caller names another.
+export OBS_COMPRESS_DATA_DIR="${OBS_COMPRESS_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 
 bash tools/setup_env.sh
 . .venv/bin/activate
