@@ -35,9 +35,11 @@ _PRUNE_EPILOG = textwrap.dedent("""\
     --set takes YAML values: --set sparsity=0.7 --set pattern=2:4 --set refit=true
     --set calibration.n_samples=32 --set "targets=['mlp']".
 
-    Calibration (--dataset): c4 or wikitext2 (the shared data folder, else the hub), a local
-    .txt/.json/.jsonl/.parquet file (its 'text' field), 'self' (text the model generates,
-    for when no data set is reachable), or 'none' (magnitude only: no forward, no loss).
+    Calibration (--dataset): c4 or wikitext2 (files of --data-dir, default
+    $OBS_COMPRESS_DATA_DIR; never downloaded), hub:c4 or hub:wikitext2 (the same data from the
+    Hugging Face hub), a local .txt/.json/.jsonl/.parquet file (its 'text' field), 'self'
+    (text the model generates, for when no data set is reachable), or 'none' (magnitude
+    only: no forward, no loss).
 
     The output is written to a hidden temporary folder beside --out and renamed at the end:
     an interrupted run leaves no --out. The source folder is never modified.
@@ -55,6 +57,12 @@ def _configure_logging(verbosity: int) -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # "Loading weights" bars: ours is enough
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="folder holding c4/c4_validation_2k.parquet and "
+                             "wikitext2/wiki.test.raw (default: $OBS_COMPRESS_DATA_DIR)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the recipe (e.g. recipes/obs-50.yaml)")
     prune.add_argument("--out", required=True, metavar="DIR", help="output folder")
     prune.add_argument("--dataset", metavar="SOURCE",
-                       help="calibration source: c4, wikitext2, self, none or a file "
-                            "(default: the recipe's calibration.source)")
+                       help="calibration source: c4, wikitext2, hub:c4, hub:wikitext2, self, "
+                            "none or a file (default: the recipe's calibration.source)")
+    _add_data_dir(prune)
     prune.add_argument("--device", default="auto",
                        help="where each block runs: auto (GPU if any), cpu, cuda, cuda:1 "
                             "(default: auto); only one block at a time is moved there")
@@ -108,8 +117,9 @@ def _parser() -> argparse.ArgumentParser:
             "first 40 of WikiText-2 and 20 of C4 unless --windows says.", 88))
     evaluate.add_argument("--model", required=True, metavar="PATH_OR_ID")
     evaluate.add_argument("--dataset", action="append", metavar="NAME_OR_FILE",
-                          help="wikitext2, c4 or a text file; repeatable "
-                               "(default: wikitext2)")
+                          help="wikitext2, c4, hub:wikitext2, hub:c4 or a text file; "
+                               "repeatable (default: wikitext2)")
+    _add_data_dir(evaluate)
     evaluate.add_argument("--windows", type=int, metavar="N",
                           help="score the first N windows (default: the protocol's count, "
                                "every window for a file)")
@@ -156,7 +166,7 @@ def _run_prune(args: argparse.Namespace) -> int:
                                trust_remote_code=args.trust_remote_code,
                                dtype=None if args.dtype == "auto" else args.dtype,
                                batch_size=args.batch_size, progress=not args.no_progress,
-                               max_shard_size=args.max_shard_size)
+                               max_shard_size=args.max_shard_size, data_dir=args.data_dir)
     print(run.report.table())
     print(f"wrote {run.out_dir} in {run.seconds:.1f} s")
     if args.report:
@@ -179,7 +189,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     model = loaded.model.to(device)
     counts = {name: args.windows for name in datasets} if args.windows else None
     results = evaluate_protocol(model, loaded.tokenizer, datasets, n_windows=counts,
-                                window=args.window, device=device)
+                                window=args.window, device=device, data_dir=args.data_dir)
     if args.json:
         print(json.dumps({name: vars(result) for name, result in results.items()}, indent=2))
     else:
