@@ -6,7 +6,7 @@
 #   bash tools/main_job.sh                                  # the whole job
 #   RECIPE=recipes/obs-2of4.yaml bash tools/main_job.sh     # another recipe
 #   bash tools/main_job.sh --set calibration.n_samples=16   # extra arguments go to `prune`
-#   OBS_COMPRESS_DATA_DIR=/data bash tools/main_job.sh      # another folder of c4/, wikitext2/
+#   DATA_DIR=/data bash tools/main_job.sh                   # another folder of c4/, wikitext2/
 #
 # The pruned checkpoint goes to $OUT (default out/smollm2-<recipe>), replaced on a rerun.
 set -euo pipefail
@@ -14,9 +14,9 @@ cd "$(dirname "$0")/.."
 RECIPE=${RECIPE:-recipes/obs-50.yaml}
 OUT=${OUT:-out/smollm2-$(basename "$RECIPE" .yaml)}
 DEVICE=${DEVICE:-auto}
-# The folder of the named data sets c4 and wikitext2: the shared one beside the checkout,
-# unless the caller names another.
-export OBS_COMPRESS_DATA_DIR="${OBS_COMPRESS_DATA_DIR:-$(cd .. && pwd)/shared/data}"
+# The folder of the named data sets c4 and wikitext2 (--data-dir): the shared one beside the
+# checkout, unless the caller names another.
+DATA_DIR=${DATA_DIR:-${OBS_COMPRESS_DATA_DIR:-$(cd .. && pwd)/shared/data}}
 
 bash tools/setup_env.sh
 . .venv/bin/activate
@@ -28,16 +28,16 @@ MODEL=$(python tools/convert_gguf.py | tail -n 1)
 echo "model: $MODEL"
 
 echo "== dense WikiText-2 perplexity"
-obs-compress eval --model "$MODEL" --dataset wikitext2 --device "$DEVICE" | tee "$RESULTS/dense.txt"
+obs-compress eval --model "$MODEL" --dataset wikitext2 --data-dir "$DATA_DIR" --device "$DEVICE" | tee "$RESULTS/dense.txt"
 
 echo "== pruning with $RECIPE (calibration: shared C4 file)"
 start=$(date +%s)
 obs-compress prune --model "$MODEL" --recipe "$RECIPE" --out "$OUT" --device "$DEVICE" \
-  --overwrite "$@"
+  --data-dir "$DATA_DIR" --overwrite "$@"
 end=$(date +%s)
 
 echo "== pruned WikiText-2 perplexity"
-obs-compress eval --model "$OUT" --dataset wikitext2 --device "$DEVICE" | tee "$RESULTS/pruned.txt"
+obs-compress eval --model "$OUT" --dataset wikitext2 --data-dir "$DATA_DIR" --device "$DEVICE" | tee "$RESULTS/pruned.txt"
 
 echo "== summary"
 echo "recipe:             $RECIPE"
