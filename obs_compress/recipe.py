@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping, get_args
 
 import yaml
-from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Field, FiniteFloat, Strict, TypeAdapter,
-                      ValidationError, ValidationInfo, model_validator)
+from pydantic import (AfterValidator, BeforeValidator, ConfigDict, Field, FiniteFloat, Strict,
+                      TypeAdapter, ValidationError, ValidationInfo, model_validator)
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs, PydanticCustomError
 

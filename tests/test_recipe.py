@@ -359,7 +359,8 @@ def test_nm_rule_when_loading_in_overrides_and_with_updates():
     two_four = load_recipe(RECIPES / "obs-2of4.yaml")
     assert two_four.with_updates(["pattern=unstructured"]).sparsity == 0.5
     assert two_four.with_updates(["pattern=1:4"]).sparsity == 0.75
-    with pytest.raises(RecipeError, match="in command-line overrides: pattern 2:4.*sparsity is 0.7"):
+    with pytest.raises(RecipeError,
+                       match="in command-line overrides: pattern 2:4.*sparsity is 0.7"):
         two_four.with_updates(["sparsity=0.7"])
     # The same rule in PruneSettings.with_changes; dataclasses.replace validates too.
     settings = load_recipe({"sparsity": 0.7}).settings

@@ -81,8 +81,9 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     N nonzeros in every M consecutive inputs; ``sparsity`` and ``allocation`` then do not
     apply). ``allocation``: ``"row"`` (same count per row) or ``"layer"`` (rows differ by
     predicted loss). ``max_dampening_frac``: the cap up to which ``dampening_frac`` is raised
-    step by step when the Cholesky factorization fails (equal to it: no raise). ``refit``: re-solve the kept weights for the final mask (exact
-    least-squares optimum of that mask). ``backend``: ``"auto"`` | ``"torch"`` | ``"triton"``.
+    step by step when the Cholesky factorization fails (equal to it: no raise). ``refit``:
+    re-solve the kept weights for the final mask (exact least-squares optimum of that mask).
+    ``backend``: ``"auto"`` | ``"torch"`` | ``"triton"``.
     ``prepared_cache``: a dict shared by the calls on one ``hessian`` (layers fed the same
     inputs), so that its damped inverse is computed once per ``(dampening_frac,
     max_dampening_frac, dtype)``.
