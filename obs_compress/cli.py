@@ -27,11 +27,13 @@ _EPILOG = textwrap.dedent("""\
           --set calibration.n_samples=32 --dataset wikitext2
       obs-compress eval --model out/smollm2-obs50 --dataset wikitext2
       obs-compress inspect out/smollm2-obs50
+      obs-compress recipe recipes/obs-2of4.yaml
     """)
 
 _PRUNE_EPILOG = textwrap.dedent("""\
     Recipe fields (see recipes/*.yaml): method, sparsity, pattern, allocation, block_size,
-    dampening_frac, refit, inverse, targets, ignore, overrides, sequential, calibration.
+    dampening_frac, max_dampening_frac, refit, inverse, targets, ignore, overrides,
+    sequential, block_sparsity, calibration (obs-compress recipe FILE checks a recipe).
     --set takes YAML values: --set sparsity=0.7 --set pattern=2:4 --set refit=true
     --set calibration.n_samples=32 --set "targets=['mlp']".
 
@@ -141,6 +143,16 @@ def _parser() -> argparse.ArgumentParser:
                          help="the N:M pattern to check (default: the one in config.json, "
                               "else 2:4)")
     inspect.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    recipe = commands.add_parser(
+        "recipe", help="check a recipe and print it resolved, or print the recipe schema",
+        description=textwrap.fill(
+            "Check a recipe file and print it with every field resolved (defaults filled in, "
+            "N:M sparsities implied), or print the JSON Schema of recipe files "
+            "(recipes/recipe.schema.json) with --schema.", 88))
+    recipe.add_argument("file", nargs="?", metavar="RECIPE.yaml", help="the recipe to check")
+    recipe.add_argument("--schema", action="store_true",
+                        help="print the JSON Schema of recipe files instead")
     return parser
 
 
@@ -215,6 +227,18 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_recipe(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe, recipe_json_schema
+
+    if args.schema == (args.file is not None):
+        raise _usage_error("give a recipe file to check, or --schema (not both)")
+    if args.schema:
+        print(json.dumps(recipe_json_schema(), indent=2, sort_keys=True))
+    else:
+        print(load_recipe(args.file).to_yaml(), end="")
+    return 0
+
+
 class _UsageError(Exception):
     pass
 
@@ -230,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        command = {"prune": _run_prune, "eval": _run_eval, "inspect": _run_inspect}[args.command]
+        command = {"prune": _run_prune, "eval": _run_eval, "inspect": _run_inspect,
+                   "recipe": _run_recipe}[args.command]
         return command(args)
     except (ObsCompressError, _UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

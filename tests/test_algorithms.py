@@ -7,7 +7,7 @@ import torch
 
 from obs_compress import Curvature, PruneResult, prune_weight
 from obs_compress.algorithms.sparsegpt import sparsegpt
-from obs_compress.errors import InvalidArgument, NonFiniteError
+from obs_compress.errors import HessianNotPositiveDefinite, InvalidArgument, NonFiniteError
 from obs_compress.math.inverse import prepare_curvature
 from obs_compress.math.masks import parse_pattern
 
@@ -263,12 +263,25 @@ def test_zero_sparsity_changes_nothing():
     (dict(pattern="2:4", block_size=30), InvalidArgument, "multiple of M=4"),
     (dict(backend="cuda"), InvalidArgument, "backend must be one of"),
     (dict(dampening_frac=-1), InvalidArgument, "dampening_frac"),
+    (dict(max_dampening_frac=0.001), InvalidArgument, "max_dampening_frac must be finite and >="),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, error, message):
     weight, _, hessian = layer_problem(0)
     args = dict(method="obs_blockwise", sparsity=0.5) | kwargs
     with pytest.raises(error, match=message):
         prune_weight(weight, hessian, **args)
+
+
+def test_max_dampening_frac_reaches_the_dampening_raise():
+    # Eigenvalues 2.05 and -0.05, mean(diag H) = 1: factorizes from dampening_frac 0.1 on.
+    hessian = torch.tensor([[1.0, 1.05], [1.05, 1.0]])
+    weight = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    with pytest.raises(HessianNotPositiveDefinite, match="raise max_dampening_frac"):
+        prune_weight(weight, hessian, method="obs_exact", sparsity=0.5, max_dampening_frac=0.01)
+    cache: dict = {}
+    result = prune_weight(weight, hessian, method="obs_exact", sparsity=0.5, prepared_cache=cache)
+    assert result.sparsity == 0.5
+    assert [prepared.dampening_frac for prepared in cache.values()] == [0.1]
 
 
 def test_refit_without_a_hessian_is_a_clear_error():

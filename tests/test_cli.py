@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from _tiny_models import folder_digest, save_tiny, tiny_model, write_text_file
 from obs_compress.cli import EXIT_ERROR, EXIT_INTERRUPTED, main
@@ -44,7 +45,7 @@ def test_help_reads_well(capsys):
         main(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    for word in ("prune", "eval", "inspect", "examples:"):
+    for word in ("prune", "eval", "inspect", "recipe", "examples:"):
         assert word in text
     with pytest.raises(SystemExit):
         main(["prune", "--help"])
@@ -129,6 +130,47 @@ def test_errors_are_clear_and_leave_no_output(workspace, capsys, case, words):
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert folder_digest(source) == before
+
+
+def test_recipe_schema_prints_the_shipped_schema_file(capsys):
+    assert main(["recipe", "--schema"]) == 0
+    printed = capsys.readouterr().out
+    with open(os.path.join(RECIPES, "recipe.schema.json"), encoding="utf-8") as file:
+        assert printed == file.read()
+    assert json.loads(printed)["title"] == "Recipe"
+
+
+def test_recipe_check_prints_the_resolved_recipe(tmp_path, capsys):
+    from obs_compress.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("pattern: 2:4\noverrides: [{targets: [mlp], method: obd}]\n")
+    assert main(["recipe", str(path)]) == 0
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed)
+    assert (resolved["pattern"], resolved["sparsity"], resolved["max_dampening_frac"]) == (
+        "2:4", 0.5, 1.0)
+    assert resolved["overrides"] == [{"targets": ["mlp"], "method": "obd"}]
+    assert load_recipe(resolved) == load_recipe(path)
+
+
+@pytest.mark.parametrize("text, args, words", [
+    ("overrides: [{targets: [mlp], sparsty: 0.3}]\n", [],
+     ["unknown recipe field 'overrides[0].sparsty'", "did you mean 'sparsity'"]),
+    ("calibration: {n_samples: 0}\n", [], ["'calibration.n_samples'", "0", "integer >= 1"]),
+    ("", ["--schema"], ["not both"]),
+    (None, [], ["give a recipe file"]),
+])
+def test_recipe_check_refuses_clearly(tmp_path, capsys, text, args, words):
+    path = tmp_path / "bad.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert main(["recipe", *([str(path)] if text is not None else []), *args]) == EXIT_ERROR
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines()[-1].startswith("error: ")
+    for word in words:
+        assert word in captured.err, captured.err
 
 
 def test_magnitude_recipe_prunes_without_data(workspace, capsys, monkeypatch):

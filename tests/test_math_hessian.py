@@ -5,7 +5,8 @@ import torch
 
 from obs_compress import Curvature, HessianAccumulator, RecursiveInverseAccumulator
 from obs_compress.errors import HessianNotPositiveDefinite, InvalidArgument, NonFiniteError
-from obs_compress.math.inverse import prepare_curvature, recursive_inverse, woodbury_downdate_
+from obs_compress.math.inverse import (dampening_fractions, prepare_curvature, recursive_inverse,
+                                       woodbury_downdate_)
 
 from _problems import correlated_inputs
 
@@ -106,6 +107,35 @@ def test_indefinite_hessian_past_the_cap_raises_typed_error():
     hessian = torch.tensor([[1.0, 3.0], [3.0, 1.0]], dtype=torch.float64)  # eigenvalue -2
     with pytest.raises(HessianNotPositiveDefinite, match=r"layer blk\.3\.down_proj.*dampening_frac"):
         prepare_curvature(Curvature(hessian=hessian, name="blk.3.down_proj"), 0.01)
+
+
+def _needs_a_raise():
+    """Eigenvalues 2.05 and -0.05 with mean(diag H) = 1: positive definite only once
+    dampening_frac exceeds 0.05 (the step 0.1 of DAMPENING_STEPS)."""
+    return Curvature(hessian=torch.tensor([[1.0, 1.05], [1.05, 1.0]], dtype=torch.float64),
+                     name="blk.2.up_proj")
+
+
+def test_max_dampening_frac_caps_the_raise():
+    with pytest.raises(HessianNotPositiveDefinite,
+                       match=r"blk\.2\.up_proj.*raise max_dampening_frac \(now 0\.01\)"):
+        prepare_curvature(_needs_a_raise(), 0.01, max_dampening_frac=0.01)  # no raise allowed
+    with pytest.raises(HessianNotPositiveDefinite, match=r"max_dampening_frac \(now 0\.03\)"):
+        prepare_curvature(_needs_a_raise(), 0.01, max_dampening_frac=0.03)
+    assert prepare_curvature(_needs_a_raise(), 0.01).dampening_frac == 0.1  # default cap 1.0
+    # A cap that is not a step is tried last, as itself.
+    assert prepare_curvature(_needs_a_raise(), 0.01, max_dampening_frac=0.07).dampening_frac == 0.07
+
+
+def test_dampening_fractions_tried():
+    assert dampening_fractions(0.01) == [0.01, 0.1, 1.0]
+    assert dampening_fractions(0.0, 0.001) == [0.0, 1e-4, 1e-3]
+    assert dampening_fractions(0.01, 0.01) == [0.01]
+    assert dampening_fractions(0.01, 0.05) == [0.01, 0.05]
+    assert dampening_fractions(0.5, 2.0) == [0.5, 1.0, 2.0]
+    for bad in (0.001, float("inf"), float("nan")):
+        with pytest.raises(InvalidArgument, match="max_dampening_frac"):
+            dampening_fractions(0.01, bad)
 
 
 def test_non_finite_hessian_is_refused():

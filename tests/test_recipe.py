@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,8 @@ import yaml
 
 from obs_compress.errors import RecipeError
 from obs_compress.recipe import (BLOCK_SPARSITY_FIELDS, CALIBRATION_FIELDS, NO_CALIBRATION,
-                                 PRUNE_FIELDS, CalibrationSettings, Recipe, load_recipe)
+                                 PRUNE_FIELDS, CalibrationSettings, Override, Recipe,
+                                 load_recipe, recipe_json_schema)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = ("obs-50.yaml", "obs-2of4.yaml", "obs-70.yaml", "magnitude-50.yaml")
@@ -224,3 +228,157 @@ def test_unquoted_nm_pattern_in_yaml_is_a_pattern(tmp_path):
     path.write_text("pattern: 2:4\ndampening_frac: 1e-3\n")
     recipe = load_recipe(path)
     assert (recipe.pattern, recipe.sparsity, recipe.dampening_frac) == ("2:4", 0.5, 0.001)
+
+
+SCHEMA_LINE = "# yaml-language-server: $schema=./recipe.schema.json\n"
+
+
+def test_schema_file_is_the_models_schema():
+    generated = json.dumps(recipe_json_schema(), indent=2, sort_keys=True) + "\n"
+    on_disk = (RECIPES / "recipe.schema.json").read_bytes()
+    assert on_disk == generated.encode("utf-8"), (
+        "recipes/recipe.schema.json is out of date; regenerate it with "
+        "`obs-compress recipe --schema > recipes/recipe.schema.json`")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_shipped_recipes_point_editors_at_the_schema(name):
+    assert (RECIPES / name).read_text().startswith(SCHEMA_LINE)
+
+
+def test_schema_describes_every_field():
+    schema = recipe_json_schema()
+    sections = [schema] + list(schema["$defs"].values())
+    for section in sections:
+        for name, prop in section["properties"].items():
+            assert prop.get("description") and prop.get("expected"), name
+    override = schema["$defs"]["Override"]
+    assert set(override["properties"]) == {"targets", *PRUNE_FIELDS}
+    assert override["required"] == ["targets"]
+    assert not any("default" in prop for prop in override["properties"].values())
+
+
+@pytest.mark.parametrize("data, hint, allowed", [
+    ({"sparsty": 0.5}, "sparsity", "method, sparsity"),
+    ({"overrides": [{"targets": ["mlp"], "sparsty": 0.3}]}, "sparsity",
+     "targets, method, sparsity"),
+    ({"calibration": {"n_sample": 16}}, "n_samples", "source, n_samples, seq_len"),
+    ({"block_sparsity": {"spred": 0.1}}, "spread", "method, spread, outlier_threshold"),
+])
+def test_misspelt_key_names_the_close_match_of_its_own_section(data, hint, allowed, tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert f"(did you mean {hint!r}?)" in message and f"in {path}" in message
+    listed = message.split("allowed fields: ")[1]
+    assert listed.startswith(allowed)
+    if "calibration" in data or "block_sparsity" in data:
+        assert "dampening_frac" not in listed  # only the fields of that section
+
+
+def test_errors_name_the_dotted_field_the_value_and_the_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("overrides:\n  - targets: [mlp]\n    sparsity: 1.5\n")
+    with pytest.raises(RecipeError, match=rf"'overrides\[0\]\.sparsity' in {path}: 1\.5 is not "
+                                          r"allowed; expected a number in \[0, 1\)"):
+        load_recipe(path)
+    path.write_text("calibration:\n  n_samples: many\n")
+    with pytest.raises(RecipeError, match=rf"'calibration\.n_samples' in {path}: 'many'"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"block_size": True}, "block_size"),
+    ({"dampening_frac": False}, "dampening_frac"),
+    ({"max_dampening_frac": True}, "max_dampening_frac"),
+    ({"calibration": {"seed": True}}, "calibration.seed"),
+    ({"refit": 1}, "refit"),
+    ({"refit": 0.0}, "refit"),
+    ({"block_sparsity": {"spread": True}}, "block_sparsity.spread"),
+])
+def test_bools_are_not_numbers_nor_numbers_bools(data, field):
+    with pytest.raises(RecipeError, match=f"'{field}'"):
+        load_recipe(data)
+
+
+def test_max_dampening_frac():
+    assert load_recipe(None).max_dampening_frac == 1.0
+    assert load_recipe({"max_dampening_frac": 0.01}).settings.max_dampening_frac == 0.01  # no raise
+    assert load_recipe({"max_dampening_frac": 2}).max_dampening_frac == 2.0
+    assert load_recipe({"dampening_frac": 0, "max_dampening_frac": 0}).max_dampening_frac == 0
+    with pytest.raises(RecipeError, match="max_dampening_frac 0.001 is below dampening_frac 0.01"):
+        load_recipe({"max_dampening_frac": 0.001})
+    with pytest.raises(RecipeError, match="'max_dampening_frac': -1"):
+        load_recipe({"dampening_frac": 0, "max_dampening_frac": -1})
+    for value in (float("inf"), float("nan"), "high"):
+        with pytest.raises(RecipeError, match="'max_dampening_frac'.*expected a finite number"):
+            load_recipe({"max_dampening_frac": value})
+    # An override that raises dampening_frac past the recipe's cap is refused where it is.
+    with pytest.raises(RecipeError, match=r"\(overrides\[0\]\): max_dampening_frac 1 is below "
+                                          "dampening_frac 2"):
+        load_recipe({"overrides": [{"targets": ["mlp"], "dampening_frac": 2.0}]})
+    recipe = load_recipe({"overrides": [{"targets": ["mlp"], "dampening_frac": 2.0,
+                                         "max_dampening_frac": 2.0}]})
+    assert recipe.settings_for("mlp").max_dampening_frac == 2.0
+    assert load_recipe(RECIPES / "obs-50.yaml").with_updates(
+        ["max_dampening_frac=0.01"]).max_dampening_frac == 0.01
+
+
+def test_prune_kwargs_are_the_keywords_of_prune_weight():
+    from obs_compress.algorithms import prune_weight
+
+    kwargs = load_recipe({"max_dampening_frac": 0.5}).settings.prune_kwargs()
+    assert set(kwargs) == set(PRUNE_FIELDS) - {"inverse"}
+    assert kwargs["max_dampening_frac"] == 0.5
+    assert set(kwargs) <= set(inspect.signature(prune_weight).parameters)
+
+
+def test_nm_rule_when_loading_in_overrides_and_with_updates():
+    # Loading: the pattern brings its sparsity, an explicit different one is refused.
+    assert load_recipe({"sparsity": 0.5, "pattern": "2:4"}).sparsity == 0.5
+    with pytest.raises(RecipeError, match="pattern 1:4 prunes exactly 0.75.*sparsity is 0.5"):
+        load_recipe({"sparsity": 0.5, "pattern": "1:4"})
+    # Overrides: an N:M override replaces the inherited sparsity; given in it, they must agree.
+    recipe = load_recipe({"sparsity": 0.7, "overrides": [
+        {"targets": ["mlp"], "pattern": "1:4"}, {"targets": ["down"], "sparsity": 0.75}]})
+    assert recipe.settings_for("mlp.up").sparsity == 0.75
+    assert recipe.settings_for("mlp.down").sparsity == 0.75
+    with pytest.raises(RecipeError, match=r"\(overrides\[0\]\): pattern 2:4 prunes exactly 0.5"
+                                          ".*sparsity is 0.6"):
+        load_recipe({"overrides": [{"targets": ["mlp"], "pattern": "2:4", "sparsity": 0.6}]})
+    # Overrides that disagree only on the layers both match are refused for those layers.
+    clash = load_recipe({"sparsity": 0.7, "overrides": [
+        {"targets": ["mlp"], "pattern": "2:4"}, {"targets": ["down"], "sparsity": 0.6}]})
+    assert clash.settings_for("attn.q").sparsity == 0.7
+    with pytest.raises(RecipeError, match="overrides of layer mlp.down: pattern 2:4.*sparsity "
+                                          "is 0.6"):
+        clash.settings_for("mlp.down")
+    # --set: a pattern alone replaces the recipe's explicit sparsity; together they must agree.
+    two_four = load_recipe(RECIPES / "obs-2of4.yaml")
+    assert two_four.with_updates(["pattern=unstructured"]).sparsity == 0.5
+    assert two_four.with_updates(["pattern=1:4"]).sparsity == 0.75
+    with pytest.raises(RecipeError,
+                       match="in command-line overrides: pattern 2:4.*sparsity is 0.7"):
+        two_four.with_updates(["sparsity=0.7"])
+    # The same rule in PruneSettings.with_changes; dataclasses.replace validates too.
+    settings = load_recipe({"sparsity": 0.7}).settings
+    assert settings.with_changes(pattern="2:4").sparsity == 0.5
+    assert dataclasses.replace(settings, sparsity=0.6).sparsity == 0.6
+    with pytest.raises(RecipeError, match="sparsity is 0.7"):
+        settings.with_changes(pattern="2:4", sparsity=0.7)
+    with pytest.raises(RecipeError, match="'sparsity': 1.5"):
+        settings.with_changes(sparsity=1.5)
+
+
+def test_settings_are_frozen_and_hashable():
+    recipe = load_recipe(RECIPES / "obs-mixed.yaml")
+    settings = {recipe.settings_for(name) for name in ("a.mlp.up", "a.mlp.down", "a.self_attn.q")}
+    assert len(settings) == 2
+    assert hash(recipe) == hash(load_recipe(RECIPES / "obs-mixed.yaml"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.settings.sparsity = 0.1
+    override = recipe.overrides[0]
+    assert isinstance(override, Override) and override.changes == (("pattern", "2:4"),)
+    assert override.to_dict() == {"targets": [r"\.mlp\."], "pattern": "2:4"}

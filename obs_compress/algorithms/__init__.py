@@ -72,7 +72,8 @@ def _check_arguments(weight, hessian, method, allocation, block_size, backend):
 
 def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None, *, method: str,
                  sparsity: float, pattern: str = "unstructured", allocation: str = "layer",
-                 block_size: int = 128, dampening_frac: float = 0.01, refit: bool = False,
+                 block_size: int = 128, dampening_frac: float = 0.01,
+                 max_dampening_frac: float = 1.0, refit: bool = False,
                  backend: str = "auto", prepared_cache: dict | None = None,
                  row_groups: Sequence[int] | None = None) -> PruneResult:
     """Prune one layer's weight with second-order information; inputs are not modified.
@@ -83,10 +84,13 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     ``obs_exact`` | ``obs_blockwise``. ``pattern``: ``"unstructured"`` or ``"N:M"`` (at most
     N nonzeros in every M consecutive inputs; ``sparsity`` and ``allocation`` then do not
     apply). ``allocation``: ``"row"`` (same count per row) or ``"layer"`` (rows differ by
-    predicted loss). ``refit``: re-solve the kept weights for the final mask (exact
-    least-squares optimum of that mask). ``backend``: ``"auto"`` | ``"torch"`` | ``"triton"``.
+    predicted loss). ``max_dampening_frac``: the cap up to which ``dampening_frac`` is raised
+    step by step when the Cholesky factorization fails (equal to it: no raise). ``refit``:
+    re-solve the kept weights for the final mask (exact least-squares optimum of that mask).
+    ``backend``: ``"auto"`` | ``"torch"`` | ``"triton"``.
     ``prepared_cache``: a dict shared by the calls on one ``hessian`` (layers fed the same
-    inputs), so that its damped inverse is computed once per ``(dampening_frac, dtype)``.
+    inputs), so that its damped inverse is computed once per ``(dampening_frac,
+    max_dampening_frac, dtype)``.
     ``row_groups``: ``weight`` is several layers stacked by rows on this one ``hessian``
     (row counts, summing to ``d_out``), pruned in one pass; each group reaches ``sparsity``
     on its own (layer allocation allocates within each group), as if pruned alone.
@@ -109,6 +113,10 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
         raise InvalidArgument("refit needs the Hessian (refit=True with hessian=None)")
     if not isinstance(dampening_frac, (int, float)) or not dampening_frac >= 0:
         raise InvalidArgument(f"dampening_frac must be >= 0, got {dampening_frac!r}")
+    if (not isinstance(max_dampening_frac, (int, float))
+            or not dampening_frac <= max_dampening_frac < float("inf")):
+        raise InvalidArgument(f"max_dampening_frac must be finite and >= dampening_frac "
+                              f"({dampening_frac}), got {max_dampening_frac!r}")
 
     reference = curvature.hessian if curvature is not None and curvature.hessian is not None \
         else (curvature.hessian_inverse if curvature is not None else weight)
@@ -120,11 +128,12 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
         curvature is not None and curvature.hessian is None)
     prepared = None
     if needs_inverse:
-        key = (dampening_frac, dtype)
+        key = (dampening_frac, max_dampening_frac, dtype)
         if prepared_cache is not None and key in prepared_cache:
             prepared = prepared_cache[key]
         else:
-            prepared = prepare_curvature(curvature, dampening_frac, dtype=dtype)
+            prepared = prepare_curvature(curvature, dampening_frac,
+                                         max_dampening_frac=max_dampening_frac, dtype=dtype)
             if prepared_cache is not None:
                 prepared_cache[key] = prepared
     # The loss of a finished weight is measured with the raw H (exact on the calibration

@@ -6,7 +6,8 @@ Frantar & Alistarh 2023, sec. 3.2).
 
 * :func:`prepare_curvature` turns a :class:`~obs_compress.math.hessian.Curvature` into the
   damped ``H``, ``H^-1`` and (on demand) ``U``, raising the dampening step by step when the
-  Cholesky factorization fails and raising :class:`HessianNotPositiveDefinite` past the cap.
+  Cholesky factorization fails and raising :class:`HessianNotPositiveDefinite` past the cap
+  (``max_dampening_frac``).
   It never falls back to the identity.
 * :func:`woodbury_downdate_` / :func:`recursive_inverse` are the OBS recursive inverse
   (Hassibi & Stork 1992, eq. 17), ``k`` vectors at a time.
@@ -24,7 +25,8 @@ from ..errors import HessianNotPositiveDefinite, InvalidArgument, NonFiniteError
 
 logger = logging.getLogger(__name__)
 
-# Dampening fractions tried, in order, after the requested one fails; the last is the cap.
+# Dampening fractions tried, in order, after the requested one fails, up to the caller's cap
+# (max_dampening_frac, 1.0 by default: lambda = mean(diag H) already swamps the data).
 DAMPENING_STEPS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -113,18 +115,34 @@ def undamped_hessian(curvature) -> torch.Tensor:
     return hessian
 
 
-def prepare_curvature(curvature, dampening_frac: float, *,
+def dampening_fractions(dampening_frac: float, max_dampening_frac: float = 1.0) -> list[float]:
+    """The dampening fractions tried in order: ``dampening_frac``, then each larger step of
+    :data:`DAMPENING_STEPS` up to ``max_dampening_frac``, then the cap itself when it is not
+    a step (``max_dampening_frac == dampening_frac`` allows no raise)."""
+    if not 0.0 <= dampening_frac < float("inf"):
+        raise InvalidArgument(f"dampening_frac must be >= 0, got {dampening_frac}")
+    if not dampening_frac <= max_dampening_frac < float("inf"):
+        raise InvalidArgument(f"max_dampening_frac must be finite and >= dampening_frac "
+                              f"({dampening_frac}), got {max_dampening_frac}")
+    fractions = [dampening_frac] + [step for step in DAMPENING_STEPS
+                                    if dampening_frac < step <= max_dampening_frac]
+    if max_dampening_frac > fractions[-1]:
+        fractions.append(max_dampening_frac)
+    return fractions
+
+
+def prepare_curvature(curvature, dampening_frac: float, *, max_dampening_frac: float = 1.0,
                       dtype: torch.dtype = torch.float32) -> PreparedCurvature:
     """Damp, guard dead inputs and invert, in float64, returning ``dtype`` tensors.
 
     ``curvature`` is a :class:`~obs_compress.math.hessian.Curvature`. Given ``H``, the
-    Cholesky factorization of ``H + lambda I`` is tried with ``dampening_frac`` first and
-    then with each larger step of :data:`DAMPENING_STEPS`; every raise is logged, and past
-    the last one :class:`HessianNotPositiveDefinite` names the layer and what to change.
+    Cholesky factorization of ``H + lambda I`` is tried with each of
+    :func:`dampening_fractions` in turn (``dampening_frac``, then larger steps up to
+    ``max_dampening_frac``); every raise is logged, and past the cap
+    :class:`HessianNotPositiveDefinite` names the layer and what to change.
     Given ``H^-1`` (recursive path) it is used as is: its dampening was folded in already.
     """
-    if not (0.0 <= dampening_frac < float("inf")):
-        raise InvalidArgument(f"dampening_frac must be >= 0, got {dampening_frac}")
+    fractions = dampening_fractions(dampening_frac, max_dampening_frac)
     name = curvature.name
     if curvature.hessian_inverse is not None:
         inverse = curvature.hessian_inverse
@@ -157,7 +175,6 @@ def prepare_curvature(curvature, dampening_frac: float, *,
     hessian64[:, dead] = 0
     hessian64.diagonal()[dead] = mean_diagonal if mean_diagonal > 0 else 1.0
 
-    fractions = [dampening_frac] + [step for step in DAMPENING_STEPS if step > dampening_frac]
     last_error = None
     for attempt, fraction in enumerate(fractions):
         damped = hessian64.clone()
@@ -175,5 +192,6 @@ def prepare_curvature(curvature, dampening_frac: float, *,
                     name or "?", fraction, last_error)
     raise HessianNotPositiveDefinite(
         f"layer {name or '?'}: the Hessian is not positive definite even with dampening_frac="
-        f"{fractions[-1]} (asked for {dampening_frac}); give more calibration samples "
-        "(n_samples x seq_len well above d_in) or check the activations for degenerate inputs")
+        f"{fractions[-1]} (asked for {dampening_frac}, max_dampening_frac {max_dampening_frac}); "
+        f"raise max_dampening_frac (now {max_dampening_frac}) or give more calibration samples "
+        "(n_samples x seq_len well above d_in), or check the activations for degenerate inputs")
