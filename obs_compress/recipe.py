@@ -368,9 +368,11 @@ class CalibrationSettings:
 
     source: _Text = _field(
         "c4", min_length=1,
-        expected=f"c4, wikitext2, self, {NO_CALIBRATION} or the path of a "
-                 ".txt/.json/.jsonl/.parquet file",
-        description=f"c4 | wikitext2 | self (text the model generates) | {NO_CALIBRATION} "
+        expected=f"c4, wikitext2, hub:c4, hub:wikitext2, self, {NO_CALIBRATION} or the path "
+                 "of a .txt/.json/.jsonl/.parquet file",
+        description="c4 | wikitext2 (files of the data folder: --data-dir or "
+                    "$OBS_COMPRESS_DATA_DIR) | hub:c4 | hub:wikitext2 (the same data from the "
+                    f"Hugging Face hub) | self (text the model generates) | {NO_CALIBRATION} "
                     "(no data: magnitude only) | a local .txt/.json/.jsonl/.parquet file")
     n_samples: _Integer = _field(128, ge=1, expected="an integer >= 1",
                                  description="Sequences of seq_len tokens")
