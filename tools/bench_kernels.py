@@ -15,7 +15,8 @@ error ``trace(dW H dW^T) / 2`` (raw, undamped ``H``) beside each time:
   with SparseGPT's on the same rows.
 
 Shapes (``d_out x d_in``): SmolLM2-135M (576x576, 1536x576, 576x1536) and Llama-3-8B
-(4096x4096, 14336x4096, 4096x14336; CUDA only). Weights are synthetic; ``H = 2 X^T X / n``
+(q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336; CUDA only), or any
+``--shape DOUTxDIN``. Weights are synthetic; ``H = 2 X^T X / n``
 from synthetic correlated inputs (low-rank factors, noise, uneven channel scales and a few
 outlier channels, as in LLM activations). Timing: CUDA events after warm-up, median of
 ``--repeats``; on CPU ``time.perf_counter``, median. Triton rows run only on CUDA (the CPU
@@ -24,7 +25,9 @@ interpreter is for correctness tests, not timing).
     python tools/bench_kernels.py --device cpu --shapes smol          # a few minutes
     python tools/bench_kernels.py --device cuda --shapes all --json out/bench_h100.json
 
-Prints a Markdown table on stdout, progress on stderr, and writes every figure to JSON.
+Prints a Markdown table on stdout, progress on stderr, and writes every figure to JSON
+(and the table to ``--markdown``) after each shape and pattern, so a run stopped early keeps
+what it measured. ``--budget-s`` starts no new shape and pattern past that many seconds.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ logger = logging.getLogger("bench_kernels")
 
 SHAPES = {
     "smol": [(576, 576), (1536, 576), (576, 1536)],
-    "llama": [(4096, 4096), (14336, 4096), (4096, 14336)],
+    "llama": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
 }
 PATTERNS = ("50%", "2:4")
 BLOCK_SIZE = 128
@@ -347,9 +350,15 @@ def main(argv=None) -> int:
     parser.add_argument("--allocation", choices=("layer", "row"), default="layer",
                         help="obs_blockwise's allocation for unstructured sparsity (default layer, "
                              "the library's default; row is about 3x faster on the torch path)")
+    parser.add_argument("--shape", action="append", default=[], metavar="DOUTxDIN",
+                        help="a layer shape to run instead of --shapes (repeatable)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new shape and pattern once this many seconds have passed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None,
                         help="output file (default out/bench_kernels_<device>.json)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="also write the table here (rewritten after each shape and pattern)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
@@ -367,8 +376,13 @@ def main(argv=None) -> int:
     unknown = set(patterns) - set(PATTERNS)
     if unknown:
         parser.error(f"--patterns: unknown {sorted(unknown)}; choose from {PATTERNS}")
-    shapes = SHAPES["smol"] + SHAPES["llama"] if args.shapes == "all" else SHAPES[args.shapes]
-    if not on_cuda and any(shape in SHAPES["llama"] for shape in shapes):
+    if args.shape:
+        shapes = [_parse_shape(parser, text) for text in args.shape]
+    elif args.shapes == "all":
+        shapes = SHAPES["smol"] + SHAPES["llama"]
+    else:
+        shapes = SHAPES[args.shapes]
+    if not on_cuda and not args.shape and any(shape in SHAPES["llama"] for shape in shapes):
         logger.warning("Llama-3-8B shapes run on CUDA only: skipped on CPU")
         shapes = [shape for shape in shapes if shape not in SHAPES["llama"]]
     if not shapes:
@@ -383,26 +397,60 @@ def main(argv=None) -> int:
     except ImportError:
         triton_version = None
 
-    rows: list[Row] = []
-    for d_out, d_in in shapes:
-        for pattern in patterns:
-            rows.extend(bench_layer(d_out, d_in, pattern, args, device, prune_weight))
-
     header = (f"Device: {device_name}; torch {torch.__version__}, triton {triton_version}; "
               f"median of {args.repeats} after {args.warmup} warm-up; block {BLOCK_SIZE}, "
               f"dampening_frac {DAMPENING_FRAC}; synthetic weights and correlated inputs."
               + ("" if on_cuda else " Triton rows need CUDA (not timed on CPU)."))
-    print(markdown(rows, header))
-
     path = args.json or Path("out") / f"bench_kernels_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(device=device_name, torch=torch.__version__, triton=triton_version,
-                   repeats=args.repeats, warmup=args.warmup, block_size=BLOCK_SIZE,
-                   dampening_frac=DAMPENING_FRAC, prune_weight_available=prune_weight is not None,
-                   rows=[asdict(row) for row in rows])
-    path.write_text(json.dumps(payload, indent=2))
-    logger.info("wrote %s", path)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+
+    rows: list[Row] = []
+    not_run: list[str] = []
+    began = time.perf_counter()
+
+    def write_outputs():
+        payload = dict(device=device_name, torch=torch.__version__, triton=triton_version,
+                       repeats=args.repeats, warmup=args.warmup, block_size=BLOCK_SIZE,
+                       dampening_frac=DAMPENING_FRAC,
+                       prune_weight_available=prune_weight is not None,
+                       rows=[asdict(row) for row in rows], not_run=not_run)
+        path.write_text(json.dumps(payload, indent=2))
+        if args.markdown is not None:
+            args.markdown.write_text(_table_with_gaps(rows, header, not_run) + "\n")
+
+    for d_out, d_in in shapes:
+        for pattern in patterns:
+            elapsed = time.perf_counter() - began
+            if args.budget_s is not None and elapsed > args.budget_s:
+                not_run.append(f"{d_out}x{d_in} {pattern}")
+                logger.warning("%dx%d %s: not run, %.0f s past the %.0f s budget", d_out, d_in,
+                               pattern, elapsed, args.budget_s)
+                continue
+            rows.extend(bench_layer(d_out, d_in, pattern, args, device, prune_weight))
+            write_outputs()
+    write_outputs()
+    print(_table_with_gaps(rows, header, not_run))
+    logger.info("wrote %s%s", path, f" and {args.markdown}" if args.markdown else "")
     return 0
+
+
+def _table_with_gaps(rows: list[Row], header: str, not_run: list[str]) -> str:
+    table = markdown(rows, header)
+    if not_run:
+        table += "\n\nNot run (past --budget-s): " + ", ".join(not_run) + "."
+    return table
+
+
+def _parse_shape(parser: argparse.ArgumentParser, text: str) -> tuple[int, int]:
+    try:
+        d_out, d_in = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        parser.error(f"--shape {text!r}: expected DOUTxDIN, e.g. 4096x14336")
+    if d_out < 1 or d_in < 1:
+        parser.error(f"--shape {text!r}: both sizes must be positive")
+    return d_out, d_in
 
 
 if __name__ == "__main__":
