@@ -83,9 +83,12 @@ def test_bench_shape_option_markdown_and_budget(bench, tmp_path, capsys):
     output, table = tmp_path / "bench.json", tmp_path / "bench.md"
     assert bench.main(["--device", "cpu", "--shape", "8x32", "--patterns", "50%",
                        "--exact-rows", "0", "--json", str(output), "--markdown", str(table),
-                       "--budget-s", "600"]) == 0
+                       "--budget-s", "600", "--repeats", "2", "--torch-repeats", "1"]) == 0
     assert "| 8x32 | 50% | obs_blockwise | torch |" in table.read_text()
-    assert json.loads(output.read_text())["not_run"] == []
+    payload = json.loads(output.read_text())
+    assert payload["not_run"] == [] and payload["torch_repeats"] == 1
+    # Only torch rows on CPU: each timed once, as --torch-repeats says.
+    assert [len(row["times_s"]) for row in payload["rows"]] == [1, 1]
     capsys.readouterr()
     # A spent budget starts nothing and says what was left out.
     assert bench.main(["--device", "cpu", "--shape", "8x32", "--shape", "16x32",

@@ -27,7 +27,8 @@ interpreter is for correctness tests, not timing).
 
 Prints a Markdown table on stdout, progress on stderr, and writes every figure to JSON
 (and the table to ``--markdown``) after each shape and pattern, so a run stopped early keeps
-what it measured. ``--budget-s`` starts no new shape and pattern past that many seconds.
+what it measured. ``--budget-s`` starts no new shape and pattern past that many seconds; every
+shape runs at the first pattern before any at the next.
 """
 
 from __future__ import annotations
@@ -260,11 +261,16 @@ def bench_layer(d_out, d_in, pattern, args, device, prune_weight):
                                       device=device)
     backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
     timing = dict(warmup=args.warmup, repeats=args.repeats)
+    # The torch rows compile nothing; at Llama shapes on CUDA each call is seconds of kernel
+    # launches, so --torch-repeats can time them fewer times and without a warm-up.
+    torch_timing = (timing if args.torch_repeats is None
+                    else dict(warmup=0, repeats=args.torch_repeats))
     rows: list[Row] = []
 
     def record(solver, backend, fn, *, error_of=None, baseline=None, note=""):
         logger.info("%s %s: %s (%s)", shape, pattern, solver, backend)
-        median, times, result, peak = measure(fn, device, **timing)
+        median, times, result, peak = measure(
+            fn, device, **(torch_timing if backend == "torch" else timing))
         error = error_of(result) if error_of is not None else None
         row = Row(shape, pattern, solver, backend, median, error,
                   error / baseline if error is not None and baseline else None, peak, note, times)
@@ -341,6 +347,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per figure, median reported (default 5 CUDA, 1 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="default 1 on CUDA, 0 on CPU")
+    parser.add_argument("--torch-repeats", type=int, default=None,
+                        help="timed runs of the torch rows, with no warm-up (default: as "
+                             "--repeats and --warmup)")
     parser.add_argument("--kernel-step", action=argparse.BooleanOptionalAction, default=None,
                         help="also time greedy_obs alone on the blocks (default: on for CUDA)")
     parser.add_argument("--exact-rows", type=int, default=32,
@@ -371,6 +380,8 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (5 if on_cuda else 1)
     args.warmup = args.warmup if args.warmup is not None else (1 if on_cuda else 0)
     args.kernel_step = on_cuda if args.kernel_step is None else args.kernel_step
+    if args.torch_repeats is not None and args.torch_repeats < 1:
+        parser.error("--torch-repeats must be at least 1")
     args.exact_max_width = args.exact_max_width or (4096 if on_cuda else 576)
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     unknown = set(patterns) - set(PATTERNS)
@@ -398,7 +409,10 @@ def main(argv=None) -> int:
         triton_version = None
 
     header = (f"Device: {device_name}; torch {torch.__version__}, triton {triton_version}; "
-              f"median of {args.repeats} after {args.warmup} warm-up; block {BLOCK_SIZE}, "
+              f"median of {args.repeats} after {args.warmup} warm-up"
+              + ("" if args.torch_repeats is None else
+                 f" (torch rows: {args.torch_repeats} run(s), no warm-up)")
+              + f"; block {BLOCK_SIZE}, "
               f"dampening_frac {DAMPENING_FRAC}; synthetic weights and correlated inputs."
               + ("" if on_cuda else " Triton rows need CUDA (not timed on CPU)."))
     path = args.json or Path("out") / f"bench_kernels_{device.type}.json"
@@ -406,13 +420,21 @@ def main(argv=None) -> int:
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
 
+    if on_cuda:
+        # cuBLAS and cuSOLVER start on first use: here, not inside the first timed call
+        # (which --torch-repeats leaves without a warm-up).
+        probe = torch.eye(8, device=device)
+        torch.cholesky_inverse(torch.linalg.cholesky((probe @ probe).double()))
+        torch.cuda.synchronize()
+
     rows: list[Row] = []
     not_run: list[str] = []
     began = time.perf_counter()
 
     def write_outputs():
         payload = dict(device=device_name, torch=torch.__version__, triton=triton_version,
-                       repeats=args.repeats, warmup=args.warmup, block_size=BLOCK_SIZE,
+                       repeats=args.repeats, warmup=args.warmup,
+                       torch_repeats=args.torch_repeats, block_size=BLOCK_SIZE,
                        dampening_frac=DAMPENING_FRAC,
                        prune_weight_available=prune_weight is not None,
                        rows=[asdict(row) for row in rows], not_run=not_run)
@@ -420,8 +442,10 @@ def main(argv=None) -> int:
         if args.markdown is not None:
             args.markdown.write_text(_table_with_gaps(rows, header, not_run) + "\n")
 
-    for d_out, d_in in shapes:
-        for pattern in patterns:
+    # Every shape at the first pattern before any at the next: a budget cut loses the
+    # later patterns, not the larger shapes.
+    for pattern in patterns:
+        for d_out, d_in in shapes:
             elapsed = time.perf_counter() - began
             if args.budget_s is not None and elapsed > args.budget_s:
                 not_run.append(f"{d_out}x{d_in} {pattern}")
