@@ -98,7 +98,7 @@ write_summary() {
     } >"$OUT_DIR/summary.md"
 }
 
-# Seconds step NAME may take: its CAP, or what is left of the budget (less a margin).
+# Seconds a step may take: its CAP, or what is left of the budget less a 5 s margin.
 allowed_seconds() {
     local cap=$1 left=$((BUDGET_S - (SECONDS - START) - 5))
     echo $((cap < left ? cap : left))
