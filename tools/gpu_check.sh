@@ -208,7 +208,7 @@ print("pydantic", pydantic.VERSION, "from", pydantic.__file__)' || echo "pydanti
 environment_step() {
     local began=$SECONDS
     COMMIT="$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo "${GPU_CHECK_COMMIT:-unknown (no .git; set GPU_CHECK_COMMIT)}")"
-    if [[ -d $REPO/.git || -f $REPO/.git ]] && [[ -n "$(git -C "$REPO" status --porcelain 2>/dev/null)" ]]; then
+    if [[ -d $REPO/.git || -f $REPO/.git ]] && [[ -n "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
         COMMIT="$COMMIT (with uncommitted changes)"
     fi
     {
