@@ -1,6 +1,9 @@
 import os
 import sys
 
+# The Triton interpreter unless the caller says otherwise: TRITON_INTERPRET=0 (as
+# tools/gpu_check.sh sets it on a GPU machine) compiles the kernels for the GPU, and the
+# kernel tests then run their Triton cases on CUDA tensors (_triton_device.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # shared helpers such as _problems.py
 # The set-up tools (locating and converting the real models) live in tools/, outside the package.

@@ -76,3 +76,26 @@ def test_bench_smoke_run_on_cpu(bench, monkeypatch, tmp_path, capsys):
         assert row["time_s"] > 0
         if row["solver"] != "in-block step":
             assert row["error"] >= 0
+
+
+def test_bench_shape_option_markdown_and_budget(bench, tmp_path, capsys):
+    pytest.importorskip("obs_compress")
+    output, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert bench.main(["--device", "cpu", "--shape", "8x32", "--patterns", "50%",
+                       "--exact-rows", "0", "--json", str(output), "--markdown", str(table),
+                       "--budget-s", "600", "--repeats", "2", "--torch-repeats", "1"]) == 0
+    assert "| 8x32 | 50% | obs_blockwise | torch |" in table.read_text()
+    payload = json.loads(output.read_text())
+    assert payload["not_run"] == [] and payload["torch_repeats"] == 1
+    # Only torch rows on CPU: each timed once, as --torch-repeats says.
+    assert [len(row["times_s"]) for row in payload["rows"]] == [1, 1]
+    capsys.readouterr()
+    # A spent budget starts nothing and says what was left out.
+    assert bench.main(["--device", "cpu", "--shape", "8x32", "--shape", "16x32",
+                       "--patterns", "50%", "--json", str(output), "--markdown", str(table),
+                       "--budget-s", "0"]) == 0
+    payload = json.loads(output.read_text())
+    assert payload["rows"] == [] and payload["not_run"] == ["8x32 50%", "16x32 50%"]
+    assert "Not run (past --budget-s): 8x32 50%, 16x32 50%." in table.read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--shape", "8by32"])

@@ -2,7 +2,8 @@
 
 The Triton kernels run in the interpreter on CPU (``TRITON_INTERPRET=1``, set at the top of
 ``tests/conftest.py`` before any kernel is defined). Shapes stay small: the interpreter runs
-every program in numpy.
+every program in numpy. With ``TRITON_INTERPRET=0`` and a GPU the same cases run compiled on
+CUDA tensors (``tests/_triton_device.py``), against the references computed on CPU.
 
 Tolerances, Triton against ``greedy_obs_torch`` on the same inputs (masks and orders are
 always compared exactly):
@@ -26,6 +27,8 @@ import torch
 
 from obs_compress_kernels import greedy_obs, greedy_obs_torch
 from obs_compress_kernels.greedy_obs import _launch_triton
+
+from _triton_device import needs_triton_device, on_triton_device
 
 triton = pytest.importorskip("triton")
 
@@ -154,7 +157,7 @@ def test_reference_identity_hessian_is_magnitude():
     assert torch.equal(result.weight, weight.masked_fill(result.mask, 0))
 
 
-# ---- Triton (interpreter) against the reference ---------------------------------------------
+# ---- Triton (interpreted on CPU, or compiled on CUDA) against the reference ---------------
 
 
 def run_both(rows, width, counts, max_steps, *, seed, dtype=torch.float32, kernel="auto",
@@ -162,6 +165,7 @@ def run_both(rows, width, counts, max_steps, *, seed, dtype=torch.float32, kerne
     weight, inverse = block_problem(rows, width, seed=seed, dtype=dtype)
     counts = torch.as_tensor(counts)
     reference = greedy_obs_torch(weight, inverse, counts, max_steps, free_columns=free, **groups)
+    weight, inverse = on_triton_device(weight, inverse)
     if kernel == "auto":
         result = greedy_obs(weight, inverse, counts, max_steps, free_columns=free,
                             backend="triton", **groups)
@@ -179,6 +183,7 @@ def per_row_counts(rows, max_steps, seed):
     return counts
 
 
+@needs_triton_device
 @pytest.mark.parametrize("kernel,rows,width,max_steps", [
     ("registers", 7, 16, 8),  # one B = 16 block of the 7 x 48 layer
     ("registers", 7, 48, 24),  # odd number of B = 16 blocks fused into one wide block
@@ -194,6 +199,7 @@ def test_triton_unstructured_per_row_counts(kernel, rows, width, max_steps):
     assert result.mask.sum(1).tolist() == counts.clamp(max=max_steps).tolist()
 
 
+@needs_triton_device
 @pytest.mark.parametrize("kernel", ["registers", "scratch"])
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
 def test_triton_nm(kernel, n, m):
@@ -205,6 +211,7 @@ def test_triton_nm(kernel, n, m):
     assert (result.mask.view(rows, -1, m).sum(-1) == m - n).all()
 
 
+@needs_triton_device
 @pytest.mark.parametrize("kernel", ["registers", "scratch"])
 def test_triton_free_columns(kernel):
     rows, width, steps = 5, 40, 20
@@ -218,6 +225,7 @@ def test_triton_free_columns(kernel):
     assert (result.step_loss[3, :4] == 0).all()
 
 
+@needs_triton_device
 def test_triton_nm_with_free_columns():
     rows, width = 4, 32
     free = torch.zeros(width, dtype=torch.bool)
@@ -228,6 +236,7 @@ def test_triton_nm_with_free_columns():
     assert (result.mask.view(rows, -1, 4).sum(-1) == 2).all()
 
 
+@needs_triton_device
 @pytest.mark.parametrize("kernel", ["registers", "scratch"])
 def test_triton_float64(kernel):
     rows, width, steps = 5, 33, 20
@@ -237,6 +246,7 @@ def test_triton_float64(kernel):
     assert_same_result(result, reference, torch.float64)
 
 
+@needs_triton_device
 def test_triton_wide_block_uses_scratch_kernel():
     # 2 x 136 pads to 256 > REGISTER_WIDTH: backend="triton" takes the scratch kernel.
     rows, width, steps = 2, 136, 24
@@ -244,34 +254,41 @@ def test_triton_wide_block_uses_scratch_kernel():
     assert_same_result(result, reference, torch.float32)
 
 
+@needs_triton_device
 def test_triton_scratch_in_several_row_batches():
     rows, width, steps = 5, 24, 12
     weight, inverse = block_problem(rows, width, seed=9)
     counts = per_row_counts(rows, steps, 2)
     reference = greedy_obs_torch(weight, inverse, counts, steps)
+    weight, inverse = on_triton_device(weight, inverse)
     # Room for two rows' histories ((steps, width + 1) fp32 each) per launch: three launches.
     result = _launch_triton(weight, inverse, counts, steps, kernel="scratch",
                             scratch_bytes=2 * steps * (width + 1) * 4)
     assert_same_result(result, reference, torch.float32)
 
 
+@needs_triton_device
 def test_triton_counts_clamped_and_nothing_to_do():
     rows, width = 3, 16
     result, reference = run_both(rows, width, [3, 50, -1], 4, seed=11)
     assert_same_result(result, reference, torch.float32)
     assert result.mask.sum(1).tolist() == [3, 4, 0]
     weight, inverse = block_problem(rows, width, seed=11)
-    empty = greedy_obs(weight, inverse, torch.zeros(rows, dtype=torch.long), 0, backend="triton")
-    assert torch.equal(empty.weight, weight) and not empty.mask.any()
+    empty = greedy_obs(*on_triton_device(weight, inverse), torch.zeros(rows, dtype=torch.long), 0,
+                       backend="triton")
+    assert torch.equal(empty.weight.cpu(), weight) and not empty.mask.any()
     assert empty.order.shape == (rows, 0)
 
 
+@needs_triton_device
 def test_triton_on_a_block_sliced_out_of_a_layer():
     layer, _ = block_problem(6, 64, seed=14)
     _, inverse = block_problem(6, 16, seed=15)
     block = layer[:, 16:32]  # row stride 64
     counts = per_row_counts(6, 8, 5)
     reference = greedy_obs_torch(block, inverse, counts, 8)
+    layer, inverse = on_triton_device(layer, inverse)
+    block = layer[:, 16:32]
     result = greedy_obs(block, inverse, counts, 8, backend="triton")
     assert_same_result(result, reference, torch.float32)
     transposed = layer.T.contiguous().T[:, 16:32]  # column stride != 1: copied first
@@ -288,12 +305,15 @@ def test_auto_backend_on_cpu_is_the_torch_reference():
         assert torch.equal(getattr(auto, field), getattr(reference, field))
 
 
+@needs_triton_device
 def test_identity_hessian_is_magnitude_in_triton():
     weight = torch.tensor([[0.5, -3.0, 0.1, 2.0, -0.2, 1.0, 0.1, 4.0]])
-    result = greedy_obs(weight, torch.eye(8), torch.tensor([5]), 5, backend="triton")
+    result = greedy_obs(*on_triton_device(weight, torch.eye(8)), torch.tensor([5]), 5,
+                        backend="triton")
     assert result.order[0].tolist() == [2, 6, 4, 0, 5]
 
 
+@needs_triton_device
 @pytest.mark.parametrize("method,pattern,allocation", [
     ("obs_blockwise", "unstructured", "row"),
     ("obs_blockwise", "unstructured", "layer"),
@@ -309,10 +329,10 @@ def test_library_triton_backend_equals_torch_backend(method, pattern, allocation
     kwargs = dict(method=method, sparsity=0.5, pattern=pattern, allocation=allocation,
                   block_size=16)
     reference = prune_weight(weight, hessian, backend="torch", **kwargs)
-    result = prune_weight(weight, hessian, backend="triton", **kwargs)
-    assert torch.equal(result.mask, reference.mask)
-    torch.testing.assert_close(result.weight, reference.weight, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(result.loss, reference.loss, atol=1e-5, rtol=1e-4)
+    result = prune_weight(*on_triton_device(weight, hessian), backend="triton", **kwargs)
+    assert torch.equal(result.mask.cpu(), reference.mask)
+    torch.testing.assert_close(result.weight.cpu(), reference.weight, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result.loss.cpu(), reference.loss, atol=1e-5, rtol=1e-4)
 
 
 # ---- GPU: compiled kernels at working sizes -----------------------------------------------
@@ -447,8 +467,9 @@ def test_step_weights_are_the_weights_after_each_step(group):
     assert greedy_obs_torch(weight, inverse, counts, steps).step_weights is None
 
 
+@needs_triton_device
 def test_step_weights_are_refused_by_the_triton_backend():
-    weight, inverse = block_problem(2, 8, seed=3)
+    weight, inverse = on_triton_device(*block_problem(2, 8, seed=3))
     with pytest.raises(ValueError, match="keep_step_weights is a torch-backend option"):
         greedy_obs(weight, inverse, torch.tensor([2, 2]), 2, backend="triton",
                    keep_step_weights=True)

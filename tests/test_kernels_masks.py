@@ -1,4 +1,8 @@
-"""nm_mask and pack_bitmask: hand-computed oracles, and Triton (interpreter) against torch."""
+"""nm_mask and pack_bitmask: hand-computed oracles, and Triton against torch.
+
+Triton runs in the interpreter on CPU, or compiled on CUDA with ``TRITON_INTERPRET=0`` and a
+GPU (``tests/_triton_device.py``); the torch references run on CPU either way.
+"""
 
 import numpy as np
 import pytest
@@ -6,6 +10,8 @@ import torch
 
 from obs_compress_kernels import (nm_mask, nm_mask_torch, pack_bitmask, pack_bitmask_torch,
                                   unpack_bitmask)
+
+from _triton_device import needs_triton_device, on_triton_device
 
 pytest.importorskip("triton")
 
@@ -25,6 +31,7 @@ def test_nm_mask_reference_hand_computed():
                                                     False, True, False, True]]
 
 
+@needs_triton_device
 @pytest.mark.parametrize("rows,cols,n,m", [(7, 48, 2, 4), (5, 124, 1, 4), (3, 40, 4, 8),
                                            (4, 24, 2, 3), (33, 16, 2, 4)])
 def test_nm_mask_triton_equals_torch(rows, cols, n, m):
@@ -32,14 +39,17 @@ def test_nm_mask_triton_equals_torch(rows, cols, n, m):
     scores = torch.randn(rows, cols, generator=g)
     scores[0, :m] = 0.5  # a tied group
     expected = nm_mask_torch(scores, n, m)
-    result = nm_mask(scores, n, m, backend="triton")
+    result = nm_mask(on_triton_device(scores), n, m, backend="triton").cpu()
     assert torch.equal(result, expected)
     assert (result.view(rows, -1, m).sum(-1) == m - n).all()
 
 
+@needs_triton_device
 def test_nm_mask_triton_on_a_column_slice():
-    scores = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))[:, 8:32]
-    assert torch.equal(nm_mask(scores, 2, 4, backend="triton"), nm_mask_torch(scores, 2, 4))
+    scores = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
+    expected = nm_mask_torch(scores[:, 8:32], 2, 4)
+    result = nm_mask(on_triton_device(scores)[:, 8:32], 2, 4, backend="triton")
+    assert torch.equal(result.cpu(), expected)
 
 
 def test_nm_mask_rejects_bad_patterns():
@@ -49,13 +59,14 @@ def test_nm_mask_rejects_bad_patterns():
         nm_mask(torch.zeros(2, 8), 4, 4)
 
 
+@needs_triton_device
 @pytest.mark.parametrize("rows,cols", [(1, 8), (7, 48), (5, 123), (3, 1), (19, 300)])
 def test_pack_bitmask_matches_numpy_and_round_trips(rows, cols):
     g = torch.Generator().manual_seed(rows + cols)
     mask = torch.rand(rows, cols, generator=g) < 0.5
     expected = torch.from_numpy(np.packbits(mask.numpy(), axis=1, bitorder="little"))
     assert torch.equal(pack_bitmask_torch(mask), expected)
-    assert torch.equal(pack_bitmask(mask, backend="triton"), expected)
+    assert torch.equal(pack_bitmask(on_triton_device(mask), backend="triton").cpu(), expected)
     assert torch.equal(unpack_bitmask(expected, cols), mask)
 
 
@@ -64,9 +75,12 @@ def test_pack_bitmask_hand_computed():
     assert pack_bitmask_torch(mask).tolist() == [[0b10000001, 0b00000001]]
 
 
+@needs_triton_device
 def test_pack_bitmask_triton_on_a_column_slice():
-    mask = (torch.rand(4, 64, generator=torch.Generator().manual_seed(2)) < 0.3)[:, 5:50]
-    assert torch.equal(pack_bitmask(mask, backend="triton"), pack_bitmask_torch(mask))
+    mask = torch.rand(4, 64, generator=torch.Generator().manual_seed(2)) < 0.3
+    expected = pack_bitmask_torch(mask[:, 5:50])
+    result = pack_bitmask(on_triton_device(mask)[:, 5:50], backend="triton")
+    assert torch.equal(result.cpu(), expected)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,8 @@ error ``trace(dW H dW^T) / 2`` (raw, undamped ``H``) beside each time:
   with SparseGPT's on the same rows.
 
 Shapes (``d_out x d_in``): SmolLM2-135M (576x576, 1536x576, 576x1536) and Llama-3-8B
-(4096x4096, 14336x4096, 4096x14336; CUDA only). Weights are synthetic; ``H = 2 X^T X / n``
+(q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336; CUDA only), or any
+``--shape DOUTxDIN``. Weights are synthetic; ``H = 2 X^T X / n``
 from synthetic correlated inputs (low-rank factors, noise, uneven channel scales and a few
 outlier channels, as in LLM activations). Timing: CUDA events after warm-up, median of
 ``--repeats``; on CPU ``time.perf_counter``, median. Triton rows run only on CUDA (the CPU
@@ -24,7 +25,10 @@ interpreter is for correctness tests, not timing).
     python tools/bench_kernels.py --device cpu --shapes smol          # a few minutes
     python tools/bench_kernels.py --device cuda --shapes all --json out/bench_h100.json
 
-Prints a Markdown table on stdout, progress on stderr, and writes every figure to JSON.
+Prints a Markdown table on stdout, progress on stderr, and writes every figure to JSON
+(and the table to ``--markdown``) after each shape and pattern, so a run stopped early keeps
+what it measured. ``--budget-s`` starts no new shape and pattern past that many seconds; every
+shape runs at the first pattern before any at the next.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ logger = logging.getLogger("bench_kernels")
 
 SHAPES = {
     "smol": [(576, 576), (1536, 576), (576, 1536)],
-    "llama": [(4096, 4096), (14336, 4096), (4096, 14336)],
+    "llama": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
 }
 PATTERNS = ("50%", "2:4")
 BLOCK_SIZE = 128
@@ -257,11 +261,16 @@ def bench_layer(d_out, d_in, pattern, args, device, prune_weight):
                                       device=device)
     backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
     timing = dict(warmup=args.warmup, repeats=args.repeats)
+    # The torch rows compile nothing; at Llama shapes on CUDA each call is seconds of kernel
+    # launches, so --torch-repeats can time them fewer times and without a warm-up.
+    torch_timing = (timing if args.torch_repeats is None
+                    else dict(warmup=0, repeats=args.torch_repeats))
     rows: list[Row] = []
 
     def record(solver, backend, fn, *, error_of=None, baseline=None, note=""):
         logger.info("%s %s: %s (%s)", shape, pattern, solver, backend)
-        median, times, result, peak = measure(fn, device, **timing)
+        median, times, result, peak = measure(
+            fn, device, **(torch_timing if backend == "torch" else timing))
         error = error_of(result) if error_of is not None else None
         row = Row(shape, pattern, solver, backend, median, error,
                   error / baseline if error is not None and baseline else None, peak, note, times)
@@ -338,6 +347,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per figure, median reported (default 5 CUDA, 1 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="default 1 on CUDA, 0 on CPU")
+    parser.add_argument("--torch-repeats", type=int, default=None,
+                        help="timed runs of the torch rows, with no warm-up (default: as "
+                             "--repeats and --warmup)")
     parser.add_argument("--kernel-step", action=argparse.BooleanOptionalAction, default=None,
                         help="also time greedy_obs alone on the blocks (default: on for CUDA)")
     parser.add_argument("--exact-rows", type=int, default=32,
@@ -347,9 +359,15 @@ def main(argv=None) -> int:
     parser.add_argument("--allocation", choices=("layer", "row"), default="layer",
                         help="obs_blockwise's allocation for unstructured sparsity (default layer, "
                              "the library's default; row is about 3x faster on the torch path)")
+    parser.add_argument("--shape", action="append", default=[], metavar="DOUTxDIN",
+                        help="a layer shape to run instead of --shapes (repeatable)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new shape and pattern once this many seconds have passed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None,
                         help="output file (default out/bench_kernels_<device>.json)")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="also write the table here (rewritten after each shape and pattern)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
@@ -362,13 +380,20 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (5 if on_cuda else 1)
     args.warmup = args.warmup if args.warmup is not None else (1 if on_cuda else 0)
     args.kernel_step = on_cuda if args.kernel_step is None else args.kernel_step
+    if args.torch_repeats is not None and args.torch_repeats < 1:
+        parser.error("--torch-repeats must be at least 1")
     args.exact_max_width = args.exact_max_width or (4096 if on_cuda else 576)
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     unknown = set(patterns) - set(PATTERNS)
     if unknown:
         parser.error(f"--patterns: unknown {sorted(unknown)}; choose from {PATTERNS}")
-    shapes = SHAPES["smol"] + SHAPES["llama"] if args.shapes == "all" else SHAPES[args.shapes]
-    if not on_cuda and any(shape in SHAPES["llama"] for shape in shapes):
+    if args.shape:
+        shapes = [_parse_shape(parser, text) for text in args.shape]
+    elif args.shapes == "all":
+        shapes = SHAPES["smol"] + SHAPES["llama"]
+    else:
+        shapes = SHAPES[args.shapes]
+    if not on_cuda and not args.shape and any(shape in SHAPES["llama"] for shape in shapes):
         logger.warning("Llama-3-8B shapes run on CUDA only: skipped on CPU")
         shapes = [shape for shape in shapes if shape not in SHAPES["llama"]]
     if not shapes:
@@ -383,26 +408,73 @@ def main(argv=None) -> int:
     except ImportError:
         triton_version = None
 
-    rows: list[Row] = []
-    for d_out, d_in in shapes:
-        for pattern in patterns:
-            rows.extend(bench_layer(d_out, d_in, pattern, args, device, prune_weight))
-
     header = (f"Device: {device_name}; torch {torch.__version__}, triton {triton_version}; "
-              f"median of {args.repeats} after {args.warmup} warm-up; block {BLOCK_SIZE}, "
+              f"median of {args.repeats} after {args.warmup} warm-up"
+              + ("" if args.torch_repeats is None else
+                 f" (torch rows: {args.torch_repeats} run(s), no warm-up)")
+              + f"; block {BLOCK_SIZE}, "
               f"dampening_frac {DAMPENING_FRAC}; synthetic weights and correlated inputs."
               + ("" if on_cuda else " Triton rows need CUDA (not timed on CPU)."))
-    print(markdown(rows, header))
-
     path = args.json or Path("out") / f"bench_kernels_{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(device=device_name, torch=torch.__version__, triton=triton_version,
-                   repeats=args.repeats, warmup=args.warmup, block_size=BLOCK_SIZE,
-                   dampening_frac=DAMPENING_FRAC, prune_weight_available=prune_weight is not None,
-                   rows=[asdict(row) for row in rows])
-    path.write_text(json.dumps(payload, indent=2))
-    logger.info("wrote %s", path)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+
+    if on_cuda:
+        # cuBLAS and cuSOLVER start on first use: here, not inside the first timed call
+        # (which --torch-repeats leaves without a warm-up).
+        probe = torch.eye(8, device=device)
+        torch.cholesky_inverse(torch.linalg.cholesky((probe @ probe).double()))
+        torch.cuda.synchronize()
+
+    rows: list[Row] = []
+    not_run: list[str] = []
+    began = time.perf_counter()
+
+    def write_outputs():
+        payload = dict(device=device_name, torch=torch.__version__, triton=triton_version,
+                       repeats=args.repeats, warmup=args.warmup,
+                       torch_repeats=args.torch_repeats, block_size=BLOCK_SIZE,
+                       dampening_frac=DAMPENING_FRAC,
+                       prune_weight_available=prune_weight is not None,
+                       rows=[asdict(row) for row in rows], not_run=not_run)
+        path.write_text(json.dumps(payload, indent=2))
+        if args.markdown is not None:
+            args.markdown.write_text(_table_with_gaps(rows, header, not_run) + "\n")
+
+    # Every shape at the first pattern before any at the next: a budget cut loses the
+    # later patterns, not the larger shapes.
+    for pattern in patterns:
+        for d_out, d_in in shapes:
+            elapsed = time.perf_counter() - began
+            if args.budget_s is not None and elapsed > args.budget_s:
+                not_run.append(f"{d_out}x{d_in} {pattern}")
+                logger.warning("%dx%d %s: not run, %.0f s past the %.0f s budget", d_out, d_in,
+                               pattern, elapsed, args.budget_s)
+                continue
+            rows.extend(bench_layer(d_out, d_in, pattern, args, device, prune_weight))
+            write_outputs()
+    write_outputs()
+    print(_table_with_gaps(rows, header, not_run))
+    logger.info("wrote %s%s", path, f" and {args.markdown}" if args.markdown else "")
     return 0
+
+
+def _table_with_gaps(rows: list[Row], header: str, not_run: list[str]) -> str:
+    table = markdown(rows, header)
+    if not_run:
+        table += "\n\nNot run (past --budget-s): " + ", ".join(not_run) + "."
+    return table
+
+
+def _parse_shape(parser: argparse.ArgumentParser, text: str) -> tuple[int, int]:
+    try:
+        d_out, d_in = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        parser.error(f"--shape {text!r}: expected DOUTxDIN, e.g. 4096x14336")
+    if d_out < 1 or d_in < 1:
+        parser.error(f"--shape {text!r}: both sizes must be positive")
+    return d_out, d_in
 
 
 if __name__ == "__main__":
