@@ -51,8 +51,6 @@ from .report import BlockResult, LayerStats, PruneReport, summarize
 
 logger = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------- the loop
-
 
 def reconstruction_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """``sum over rows of dW H dW^T / 2`` = ``||dW X^T||^2 / n`` for ``delta = dW: (d_out,
