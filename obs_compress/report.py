@@ -142,7 +142,8 @@ class PruneReport:
                      f"{self.seconds:.1f} s")
         raised = self.raised_dampening
         if raised:
-            lines.append(f"* dampening_frac raised above the recipe's for {len(raised)} layers "
+            count = f"{len(raised)} layer{'s' if len(raised) != 1 else ''}"
+            lines.append(f"* dampening_frac raised above the recipe's for {count} "
                          "(the Cholesky factorization failed with it): "
                          + ", ".join(f"{s.name} {s.requested_dampening_frac:g} -> "
                                      f"{s.dampening_frac:g}" for s in raised))

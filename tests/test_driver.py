@@ -12,7 +12,8 @@ from obs_compress import driver
 from obs_compress.api import calibration_input_ids, oneshot
 from obs_compress.driver import (_execution_groups, _ExecutionOrder, _Feed, _stop_after,
                                  prune_blocks, prune_model, reconstruction_loss)
-from obs_compress.errors import InvalidArgument, NonFiniteError, RecipeError
+from obs_compress.errors import (HessianNotPositiveDefinite, InvalidArgument, NonFiniteError,
+                                 RecipeError)
 from obs_compress.math.hessian import HessianAccumulator, RecursiveInverseAccumulator
 from obs_compress.math.inverse import undamped_hessian
 from obs_compress.math.masks import prune_count
@@ -401,6 +402,33 @@ def test_prune_model_report(input_ids):
     assert data["recipe"]["sparsity"] == 0.25
     table = report.table()
     assert "encoder.layer.1.output.dense" in table and "global sparsity 0.2500" in table
+
+
+def test_raised_dampening_is_reported_and_a_cap_refuses_it():
+    """16 calibration tokens for inputs of width 64: H has rank 16, so Cholesky fails with
+    dampening_frac 0 and the dampening is raised; the report says so per layer, and a cap
+    equal to the requested value refuses the raise, naming it."""
+    input_ids = torch.randint(4, 128, (1, 16), generator=torch.Generator().manual_seed(3))
+    recipe = {"method": "obs_blockwise", "block_size": 8, "dampening_frac": 0.0,
+              "targets": ["layers\\.0\\.self_attn\\.q_proj"]}
+    report = oneshot(tiny_model("llama"), recipe, input_ids, progress=False)
+    (stats,) = report.layers
+    assert stats.requested_dampening_frac == 0.0 and stats.dampening_frac > 0
+    assert stats.dampening_raised
+    data = report.to_dict()
+    assert data["dampening_raised"] == [stats.name]
+    assert data["layers"][0]["dampening_frac"] == stats.dampening_frac
+    table = report.table()
+    assert f"{stats.dampening_frac:g}*" in table
+    assert "raised above the recipe's for 1 layer " in table
+    assert f"{stats.name} 0 -> {stats.dampening_frac:g}" in table
+    with pytest.raises(HessianNotPositiveDefinite, match="max_dampening_frac"):
+        oneshot(tiny_model("llama"), {**recipe, "max_dampening_frac": 0.0}, input_ids,
+                progress=False)
+    unraised = oneshot(tiny_model("llama"), {**recipe, "dampening_frac": 0.01}, input_ids,
+                       progress=False)
+    assert unraised.layers[0].dampening_frac == 0.01 and not unraised.to_dict()["dampening_raised"]
+    assert "raised above" not in unraised.table()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
