@@ -286,3 +286,35 @@ def test_interrupted_run_leaves_source_untouched_and_no_output(tmp_path, sig):
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.jsonl", "source"]
     assert folder_digest(source) == before
+
+
+def test_sentence_transformers_model_keeps_its_own_files(tmp_path, minilm_path, capsys):
+    """A pruned sentence-transformers folder is still one: every file of the source that the
+    tool does not rewrite (modules.json, 1_Pooling/, the card...) is carried over unchanged."""
+    before = folder_digest(minilm_path)
+    recipe = tmp_path / "magnitude-none.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "magnitude", "sparsity": 0.5,
+                                      "calibration": {"source": "none"}}))
+    out = tmp_path / "minilm-50"
+    assert main(["prune", "--model", str(minilm_path), "--recipe", str(recipe), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "global sparsity 0.5000" in capsys.readouterr().out
+    assert folder_digest(minilm_path) == before
+    written = folder_digest(out)
+    weights = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+    carried = {name: data for name, data in before.items()
+               if name not in ("config.json", "generation_config.json")
+               and not name.endswith(weights) and not name.startswith(".")}
+    for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json",
+                 "config_sentence_transformers.json", "README.md", "vocab.txt"):
+        assert name in carried  # the source really has them: the check below is not empty
+    for name, data in carried.items():
+        assert written.get(name) == data, name  # present, byte for byte
+    assert json.loads(written["config.json"])["sparsity"]["global_sparsity"] == 0.5
+    assert written["model.safetensors"] != before["model.safetensors"]
+
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    model = sentence_transformers.SentenceTransformer(str(out), device="cpu")
+    embeddings = model.encode(["a pruned model still embeds", "sentences"])
+    assert embeddings.shape == (2, 384)
+    assert abs(float((embeddings[0] ** 2).sum()) - 1) < 1e-4  # 2_Normalize is still there

@@ -132,7 +132,7 @@ def test_failure_leaves_nothing_behind(tmp_path, input_ids, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint, "copy_tokenizer_files", broken)
+    monkeypatch.setattr(checkpoint, "carry_over_source_files", broken)
     source = tmp_path / "source"
     source.mkdir()
     out = tmp_path / "deep" / "er" / "out"
