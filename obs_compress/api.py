@@ -185,7 +185,14 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
                     report: PruneReport | None = None, overwrite: bool = False,
                     max_shard_size: int | str = "2GB") -> Path:
     """Write the (pruned) ``model`` as a Hugging Face folder; see
-    :func:`obs_compress.export.checkpoint.save_pretrained`."""
+    :func:`obs_compress.export.checkpoint.save_pretrained`.
+
+    ``recipe``: a recipe, its file or a mapping; when not given, the one ``report`` was
+    pruned with (``PruneReport.recipe``), so the folder is as complete as the CLI's:
+    ``recipe.yaml`` and a full ``sparsity`` section in ``config.json``.
+    """
+    if recipe is None and report is not None and report.recipe:
+        recipe = report.recipe
     if recipe is not None:
         recipe = load_recipe(recipe)
     return _save_pretrained(model, out_dir, tokenizer=tokenizer, source=source, recipe=recipe,
@@ -229,9 +236,9 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
     report = oneshot(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer,
                      device=device, batch_size=batch_size, progress=progress, data_dir=data_dir)
     report.model = loaded.source
-    out = _save_pretrained(loaded.model, out_dir, tokenizer=loaded.tokenizer,
-                           source=loaded.local_folder, recipe=recipe, report=report,
-                           overwrite=overwrite, max_shard_size=max_shard_size)
+    out = save_pretrained(loaded.model, out_dir, tokenizer=loaded.tokenizer,
+                          source=loaded.local_folder, recipe=recipe, report=report,
+                          overwrite=overwrite, max_shard_size=max_shard_size)
     return PruneRun(report=report, out_dir=out, model=loaded.model, tokenizer=loaded.tokenizer,
                     seconds=time.perf_counter() - start)
 

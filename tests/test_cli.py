@@ -318,3 +318,39 @@ def test_sentence_transformers_model_keeps_its_own_files(tmp_path, minilm_path, 
     embeddings = model.encode(["a pruned model still embeds", "sentences"])
     assert embeddings.shape == (2, 384)
     assert abs(float((embeddings[0] ** 2).sum()) - 1) < 1e-4  # 2_Normalize is still there
+
+
+def test_cli_and_python_api_write_the_same_folder(workspace):
+    """Whichever door: the CLI's folder and oneshot + save_pretrained's (no recipe passed, the
+    report carries it) hold the same files, byte for byte, but for the report's timings and
+    model name."""
+    import obs_compress
+    from transformers import AutoModelForCausalLM
+
+    tmp_path, source, calibration = workspace
+    sizes = ["calibration.n_samples=4", "calibration.seq_len=48"]
+    assert main(prune_args(source, tmp_path / "cli", calibration, "obs-50.yaml")) == 0
+    model = AutoModelForCausalLM.from_pretrained(source)
+    recipe = obs_compress.load_recipe(os.path.join(RECIPES, "obs-50.yaml")).with_updates(sizes)
+    report = obs_compress.oneshot(model, recipe, str(calibration), progress=False)
+    obs_compress.save_pretrained(model, tmp_path / "api", source=source, report=report)
+
+    cli, api = folder_digest(tmp_path / "cli"), folder_digest(tmp_path / "api")
+    assert sorted(cli) == sorted(api)
+    assert "recipe.yaml" in api and "tokenizer.json" in api
+    section = json.loads(api["config.json"])["sparsity"]
+    assert (section["method"], section["pattern"], section["sparsity"]) == (
+        "obs_blockwise", "unstructured", 0.5)
+
+    def comparable(text):
+        data = json.loads(text)
+        for entry in (data, *data["layers"]):
+            del entry["seconds"]
+        del data["model"]
+        return data
+
+    for name in cli:
+        if name == "obs_compress_report.json":
+            assert comparable(cli[name]) == comparable(api[name])
+        else:
+            assert cli[name] == api[name], name
