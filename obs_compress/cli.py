@@ -137,11 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         "inspect", help="per-layer sparsity and N:M check of a checkpoint",
         description=textwrap.fill(
             "Measure every 2-D weight of a safetensors checkpoint (nothing is instantiated or "
-            "unpickled) and check an N:M pattern.", 88))
+            "unpickled) and check the N:M pattern its config.json records, if any.", 88))
     inspect.add_argument("folder", metavar="DIR")
     inspect.add_argument("--pattern", metavar="N:M",
-                         help="the N:M pattern to check (default: the one in config.json, "
-                              "else 2:4)")
+                         help="check this N:M pattern (default: the one config.json's "
+                              "sparsity section records; none for an unstructured checkpoint)")
     inspect.add_argument("--json", action="store_true", help="print the result as JSON")
 
     recipe = commands.add_parser(
@@ -217,10 +217,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
     result = inspect_checkpoint(args.folder, pattern=args.pattern)
     if args.json:
         print(json.dumps({
-            "folder": str(result.folder), "pattern": str(result.pattern),
+            "folder": str(result.folder),
+            "pattern": str(result.pattern) if result.pattern is not None else None,
+            "recorded_patterns": dict(result.recorded),
             "global_sparsity": result.global_sparsity, "sparsity_section": result.section,
             "tensors": [{"name": t.name, "shape": list(t.shape), "sparsity": t.sparsity,
-                         "nm": t.nm_axis is not None, "nm_axis": t.nm_axis,
+                         "nm": t.nm_axis is not None if result.pattern is not None else None,
+                         "nm_axis": t.nm_axis,
                          "target": t.target} for t in result.tensors]}, indent=2))
     else:
         print(result.table())

@@ -132,6 +132,21 @@ def test_errors_are_clear_and_leave_no_output(workspace, capsys, case, words):
     assert folder_digest(source) == before
 
 
+def test_inspect_of_an_unstructured_checkpoint_has_no_nm_line(workspace, capsys):
+    tmp_path, source, calibration = workspace
+    out = tmp_path / "out"
+    assert main(prune_args(source, out, calibration, "magnitude-50.yaml")) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "global sparsity 0.5000" in printed and "holds" not in printed
+    assert main(["inspect", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["pattern"] is None and all(t["nm"] is None for t in data["tensors"])
+    assert main(["inspect", str(out), "--pattern", "2:4"]) == 0
+    assert "2:4 holds in 0 of them" in capsys.readouterr().out
+
+
 def test_recipe_schema_prints_the_shipped_schema_file(capsys):
     assert main(["recipe", "--schema"]) == 0
     printed = capsys.readouterr().out
