@@ -29,9 +29,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .data import calibration_samples, load_texts, self_generated_texts
+from .data import EVALUATION_WINDOW, calibration_samples, load_texts, self_generated_texts
 from .driver import prune_model
 from .errors import InvalidArgument
+from .evaluate import PerplexityResult, evaluate_protocol
 from .export.checkpoint import check_output_dir, check_shard_size
 from .export.checkpoint import save_pretrained as _save_pretrained
 from .model.loading import load_model
@@ -199,6 +200,34 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
                             report=report, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
+def evaluate_perplexity(model: nn.Module, tokenizer: Any, datasets: Sequence[str], *,
+                        device: str | torch.device | None = "auto", n_windows: int | None = None,
+                        window: int = EVALUATION_WINDOW, progress: bool = True,
+                        data_dir: str | os.PathLike | None = None) -> dict[str, PerplexityResult]:
+    """Perplexity of ``model`` on each of ``datasets`` by the protocol
+    (:func:`~obs_compress.evaluate.evaluate_protocol`), keyed by name.
+
+    ``device``: where it runs (``"auto"``: the GPU when there is one; None: where the model
+    is); the model goes back where it was afterwards. ``n_windows``: the first N windows of
+    each set (None: the protocol's counts, every window of a file).
+    """
+    if tokenizer is None:
+        raise InvalidArgument("perplexity is measured on text: the model has no tokenizer "
+                              "(no tokenizer files in its folder)")
+    target = resolve_device(device)
+    parameter = next(model.parameters(), None)
+    home = parameter.device if parameter is not None else None
+    counts = {name: n_windows for name in datasets} if n_windows else None
+    if target is not None:
+        model.to(target)
+    try:
+        return evaluate_protocol(model, tokenizer, datasets, n_windows=counts, window=window,
+                                 device=target, progress=progress, data_dir=data_dir)
+    finally:
+        if target is not None and home is not None:
+            model.to(home)
+
+
 @dataclass
 class PruneRun:
     """What :func:`prune_checkpoint` did."""
@@ -243,5 +272,5 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                     seconds=time.perf_counter() - start)
 
 
-__all__ = ["Calibration", "PruneRun", "calibration_input_ids", "oneshot", "prune_checkpoint",
-           "resolve_device", "save_pretrained", "select_calibration"]
+__all__ = ["Calibration", "PruneRun", "calibration_input_ids", "evaluate_perplexity", "oneshot",
+           "prune_checkpoint", "resolve_device", "save_pretrained", "select_calibration"]

@@ -131,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="allow loading pickle (.bin) weights")
     evaluate.add_argument("--trust-remote-code", action="store_true",
                           help="allow running modeling code shipped with the checkpoint")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 
     inspect = commands.add_parser(
@@ -188,20 +189,20 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .api import resolve_device
-    from .evaluate import evaluate_protocol
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .api import evaluate_perplexity
     from .model.loading import load_model
 
-    loaded = load_model(args.model, allow_pickle=args.allow_pickle,
-                        trust_remote_code=args.trust_remote_code)
-    if loaded.tokenizer is None:
-        raise _usage_error(f"{args.model} has no tokenizer files; cannot evaluate on text")
-    datasets = args.dataset or ["wikitext2"]
-    device = resolve_device(args.device)
-    model = loaded.model.to(device)
-    counts = {name: args.windows for name in datasets} if args.windows else None
-    results = evaluate_protocol(model, loaded.tokenizer, datasets, n_windows=counts,
-                                window=args.window, device=device, data_dir=args.data_dir)
+    with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        loaded = load_model(args.model, allow_pickle=args.allow_pickle,
+                            trust_remote_code=args.trust_remote_code)
+        if loaded.tokenizer is None:
+            raise _usage_error(f"{args.model} has no tokenizer files; cannot evaluate on text")
+        results = evaluate_perplexity(loaded.model, loaded.tokenizer,
+                                      args.dataset or ["wikitext2"], device=args.device,
+                                      n_windows=args.windows, window=args.window,
+                                      progress=not args.no_progress, data_dir=args.data_dir)
     if args.json:
         print(json.dumps({name: vars(result) for name, result in results.items()}, indent=2))
     else:

@@ -83,6 +83,28 @@ def test_prune_then_inspect_then_eval(workspace, capsys):
     assert result["n_tokens"] == 2 * 63 and result["perplexity"] > 1
 
 
+def test_eval_shows_a_progress_bar_below_its_log_lines(workspace):
+    """eval runs for many minutes on a CPU: a bar with an ETA, log lines above it, as prune;
+    --no-progress turns the bar off. Run as a user does, in its own process."""
+    tmp_path, source, _ = workspace
+    text = tmp_path / "eval.txt"
+    text.write_text("the model prunes weights with second order curvature " * 40)
+    command = [sys.executable, "-m", "obs_compress.cli", "eval", "--model", str(source),
+               "--dataset", str(text), "--windows", "3", "--window", "64", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    shown = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{text}: perplexity" in shown.stdout
+    error = shown.stderr
+    bar = error.rindex(f"perplexity {text}: 100%")
+    assert "3/3 [" in error[bar:] and "window/s]" in error[bar:]  # count, elapsed<ETA, rate
+    assert error.index("scoring 3 windows of 64 tokens") < bar  # the log line above the bar
+    quiet = subprocess.run(command + ["--no-progress"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout == shown.stdout
+    assert "scoring 3 windows" in quiet.stderr and "%|" not in quiet.stderr
+
+
 @pytest.mark.parametrize("case, words", [
     ("typo", ["unknown recipe field 'sparsty'", "allowed fields"]),
     ("sparsity", ["'sparsity'", "1.5"]),
