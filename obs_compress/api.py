@@ -245,12 +245,15 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                      allow_pickle: bool = False, trust_remote_code: bool = False,
                      dtype: Any = None, batch_size: int = 8, progress: bool = True,
                      max_shard_size: int | str = "2GB",
-                     data_dir: str | os.PathLike | None = None) -> PruneRun:
+                     data_dir: str | os.PathLike | None = None, evaluate: Sequence[str] = (),
+                     eval_windows: int | None = None) -> PruneRun:
     """Load ``model`` (folder or hub id), prune it by ``recipe``, write it to ``out_dir``.
 
     The output folder and the calibration choice are checked first, so a refusal comes
     before the work; the source is never modified; nothing is left in ``out_dir`` unless
-    the run completes.
+    the run completes. ``evaluate``: data sets (``wikitext2``, ``c4``, a file) whose
+    perplexity is measured before and after pruning (:func:`evaluate_perplexity`, the
+    first ``eval_windows`` windows of each) and stored in the report.
     """
     start = time.perf_counter()
     recipe = load_recipe(recipe)
@@ -262,9 +265,21 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
         check_runs_without_data(recipe)
     loaded = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                         dtype=dtype)
+    evaluate = list(evaluate)
+
+    def measure() -> dict[str, PerplexityResult]:
+        return evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate, device=device,
+                                   n_windows=eval_windows, progress=progress,
+                                   data_dir=data_dir) if evaluate else {}
+
+    before = measure()
     report = oneshot(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer,
                      device=device, batch_size=batch_size, progress=progress, data_dir=data_dir)
     report.model = loaded.source
+    after = measure()
+    report.perplexity = {name: {"before": before[name].perplexity,
+                                "after": after[name].perplexity,
+                                "n_tokens": after[name].n_tokens} for name in evaluate}
     out = save_pretrained(loaded.model, out_dir, tokenizer=loaded.tokenizer,
                           source=loaded.local_folder, recipe=recipe, report=report,
                           overwrite=overwrite, max_shard_size=max_shard_size)

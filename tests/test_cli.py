@@ -154,6 +154,39 @@ def test_errors_are_clear_and_leave_no_output(workspace, capsys, case, words):
     assert folder_digest(source) == before
 
 
+def test_report_names_its_loss_units_and_prune_eval_measures_perplexity(workspace, capsys):
+    from obs_compress.evaluate import perplexity
+    from obs_compress.report import LOSS_UNITS
+
+    tmp_path, source, calibration = workspace
+    text = tmp_path / "eval.txt"
+    text.write_text("the model prunes weights with second order curvature " * 60)
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    assert main(prune_args(source, out, calibration, "obs-50.yaml", "--eval", str(text),
+                           "--eval-windows", "2", "--report", str(report))) == 0
+    printed = capsys.readouterr().out
+    assert "predicted dE" in printed and "measured dE" in printed
+    assert "per calibration token, summed over the layer's output rows" in printed
+    data = json.loads(report.read_text())
+    assert data["loss_units"] == LOSS_UNITS and "calibration tokens" in LOSS_UNITS
+    assert "predicted_loss" in data["layers"][0] and "reconstruction_loss" in data["layers"][0]
+    figures = data["perplexity"][str(text)]
+    assert figures["n_tokens"] == 2 * 1023 and figures["before"] != figures["after"]
+    assert (f"{text} perplexity: {figures['before']:.4f} before pruning, "
+            f"{figures['after']:.4f} after (2,046 tokens)") in printed
+    assert json.loads((out / "obs_compress_report.json").read_text())["perplexity"] == {
+        str(text): figures}
+
+    # The figures are the perplexity of the source and of the written output.
+    from obs_compress.data import evaluation_windows, protocol_texts
+    from obs_compress.model.loading import load_model
+
+    for folder, key in ((source, "before"), (out, "after")):
+        loaded = load_model(folder)
+        windows = evaluation_windows(loaded.tokenizer, protocol_texts(str(text)), n_windows=2)
+        assert perplexity(loaded.model, windows).perplexity == pytest.approx(figures[key])
+
+
 def test_inspect_of_an_unstructured_checkpoint_has_no_nm_line(workspace, capsys):
     tmp_path, source, calibration = workspace
     out = tmp_path / "out"
