@@ -259,6 +259,24 @@ def test_magnitude_recipe_prunes_without_data(workspace, capsys, monkeypatch):
                for layer in data["layers"])
 
 
+def test_dataset_none_with_a_recipe_that_needs_data_refuses_before_loading(
+        workspace, capsys, caplog, monkeypatch):
+    import obs_compress.api as api
+
+    tmp_path, source, _ = workspace
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        assert main(["prune", "--model", str(source), "--recipe",
+                     os.path.join(RECIPES, "obs-50.yaml"), "--out", str(out), "--dataset",
+                     "none", "--no-progress"]) == EXIT_ERROR
+    captured = capsys.readouterr()
+    assert "without calibration data" in captured.err
+    for text in (captured.out, captured.err, caplog.text):
+        assert "from their weights alone" not in text
+    assert not out.exists()
+
+
 def test_existing_output_is_refused_before_the_work(workspace, capsys, monkeypatch):
     import obs_compress.api as api
     tmp_path, source, calibration = workspace
