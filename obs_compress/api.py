@@ -29,9 +29,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .data import calibration_samples, load_texts, self_generated_texts
+from .data import EVALUATION_WINDOW, calibration_samples, load_texts, self_generated_texts
 from .driver import prune_model
 from .errors import InvalidArgument
+from .evaluate import PerplexityResult, evaluate_protocol
 from .export.checkpoint import check_output_dir, check_shard_size
 from .export.checkpoint import save_pretrained as _save_pretrained
 from .model.loading import load_model
@@ -185,11 +186,46 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
                     report: PruneReport | None = None, overwrite: bool = False,
                     max_shard_size: int | str = "2GB") -> Path:
     """Write the (pruned) ``model`` as a Hugging Face folder; see
-    :func:`obs_compress.export.checkpoint.save_pretrained`."""
+    :func:`obs_compress.export.checkpoint.save_pretrained`.
+
+    ``recipe``: a recipe, its file or a mapping; when not given, the one ``report`` was
+    pruned with (``PruneReport.recipe``), so the folder is as complete as the CLI's:
+    ``recipe.yaml`` and a full ``sparsity`` section in ``config.json``.
+    """
+    if recipe is None and report is not None and report.recipe:
+        recipe = report.recipe
     if recipe is not None:
         recipe = load_recipe(recipe)
     return _save_pretrained(model, out_dir, tokenizer=tokenizer, source=source, recipe=recipe,
                             report=report, overwrite=overwrite, max_shard_size=max_shard_size)
+
+
+def evaluate_perplexity(model: nn.Module, tokenizer: Any, datasets: Sequence[str], *,
+                        device: str | torch.device | None = "auto", n_windows: int | None = None,
+                        window: int = EVALUATION_WINDOW, progress: bool = True,
+                        data_dir: str | os.PathLike | None = None) -> dict[str, PerplexityResult]:
+    """Perplexity of ``model`` on each of ``datasets`` by the protocol
+    (:func:`~obs_compress.evaluate.evaluate_protocol`), keyed by name.
+
+    ``device``: where it runs (``"auto"``: the GPU when there is one; None: where the model
+    is); the model goes back where it was afterwards. ``n_windows``: the first N windows of
+    each set (None: the protocol's counts, every window of a file).
+    """
+    if tokenizer is None:
+        raise InvalidArgument("perplexity is measured on text: the model has no tokenizer "
+                              "(no tokenizer files in its folder)")
+    target = resolve_device(device)
+    parameter = next(model.parameters(), None)
+    home = parameter.device if parameter is not None else None
+    counts = {name: n_windows for name in datasets} if n_windows else None
+    if target is not None:
+        model.to(target)
+    try:
+        return evaluate_protocol(model, tokenizer, datasets, n_windows=counts, window=window,
+                                 device=target, progress=progress, data_dir=data_dir)
+    finally:
+        if target is not None and home is not None:
+            model.to(home)
 
 
 @dataclass
@@ -209,12 +245,15 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                      allow_pickle: bool = False, trust_remote_code: bool = False,
                      dtype: Any = None, batch_size: int = 8, progress: bool = True,
                      max_shard_size: int | str = "2GB",
-                     data_dir: str | os.PathLike | None = None) -> PruneRun:
+                     data_dir: str | os.PathLike | None = None, evaluate: Sequence[str] = (),
+                     eval_windows: int | None = None) -> PruneRun:
     """Load ``model`` (folder or hub id), prune it by ``recipe``, write it to ``out_dir``.
 
     The output folder and the calibration choice are checked first, so a refusal comes
     before the work; the source is never modified; nothing is left in ``out_dir`` unless
-    the run completes.
+    the run completes. ``evaluate``: data sets (``wikitext2``, ``c4``, a file) whose
+    perplexity is measured before and after pruning (:func:`evaluate_perplexity`, the
+    first ``eval_windows`` windows of each) and stored in the report.
     """
     start = time.perf_counter()
     recipe = load_recipe(recipe)
@@ -226,15 +265,27 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
         check_runs_without_data(recipe)
     loaded = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                         dtype=dtype)
+    evaluate = list(evaluate)
+
+    def measure() -> dict[str, PerplexityResult]:
+        return evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate, device=device,
+                                   n_windows=eval_windows, progress=progress,
+                                   data_dir=data_dir) if evaluate else {}
+
+    before = measure()
     report = oneshot(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer,
                      device=device, batch_size=batch_size, progress=progress, data_dir=data_dir)
     report.model = loaded.source
-    out = _save_pretrained(loaded.model, out_dir, tokenizer=loaded.tokenizer,
-                           source=loaded.local_folder, recipe=recipe, report=report,
-                           overwrite=overwrite, max_shard_size=max_shard_size)
+    after = measure()
+    report.perplexity = {name: {"before": before[name].perplexity,
+                                "after": after[name].perplexity,
+                                "n_tokens": after[name].n_tokens} for name in evaluate}
+    out = save_pretrained(loaded.model, out_dir, tokenizer=loaded.tokenizer,
+                          source=loaded.local_folder, recipe=recipe, report=report,
+                          overwrite=overwrite, max_shard_size=max_shard_size)
     return PruneRun(report=report, out_dir=out, model=loaded.model, tokenizer=loaded.tokenizer,
                     seconds=time.perf_counter() - start)
 
 
-__all__ = ["Calibration", "PruneRun", "calibration_input_ids", "oneshot", "prune_checkpoint",
-           "resolve_device", "save_pretrained", "select_calibration"]
+__all__ = ["Calibration", "PruneRun", "calibration_input_ids", "evaluate_perplexity", "oneshot",
+           "prune_checkpoint", "resolve_device", "save_pretrained", "select_calibration"]

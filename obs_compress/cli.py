@@ -108,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="allow running modeling code shipped with the checkpoint")
     prune.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                        help="largest safetensors shard (default: 2GB)")
+    prune.add_argument("--eval", action="append", default=[], metavar="DATASET",
+                       dest="evaluate",
+                       help="measure perplexity on DATASET (wikitext2, c4, hub:wikitext2, "
+                            "hub:c4 or a text file; repeatable) before and after pruning, "
+                            "into the report")
+    prune.add_argument("--eval-windows", type=int, metavar="N",
+                       help="with --eval: score the first N windows of 1024 tokens (default: "
+                            "the protocol's 40 of WikiText-2, 20 of C4, every window of a file)")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("--report", metavar="FILE",
                        help="also write the report JSON here (it is always in --out)")
@@ -131,17 +139,18 @@ def _parser() -> argparse.ArgumentParser:
                           help="allow loading pickle (.bin) weights")
     evaluate.add_argument("--trust-remote-code", action="store_true",
                           help="allow running modeling code shipped with the checkpoint")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 
     inspect = commands.add_parser(
         "inspect", help="per-layer sparsity and N:M check of a checkpoint",
         description=textwrap.fill(
             "Measure every 2-D weight of a safetensors checkpoint (nothing is instantiated or "
-            "unpickled) and check an N:M pattern.", 88))
+            "unpickled) and check the N:M pattern its config.json records, if any.", 88))
     inspect.add_argument("folder", metavar="DIR")
     inspect.add_argument("--pattern", metavar="N:M",
-                         help="the N:M pattern to check (default: the one in config.json, "
-                              "else 2:4)")
+                         help="check this N:M pattern (default: the one config.json's "
+                              "sparsity section records; none for an unstructured checkpoint)")
     inspect.add_argument("--json", action="store_true", help="print the result as JSON")
 
     recipe = commands.add_parser(
@@ -169,6 +178,8 @@ def _run_prune(args: argparse.Namespace) -> int:
         recipe = recipe.with_updates(args.assignments)
     if args.batch_size < 1:
         raise _usage_error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.eval_windows is not None and args.eval_windows < 1:
+        raise _usage_error(f"--eval-windows must be >= 1, got {args.eval_windows}")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
@@ -178,7 +189,8 @@ def _run_prune(args: argparse.Namespace) -> int:
                                trust_remote_code=args.trust_remote_code,
                                dtype=None if args.dtype == "auto" else args.dtype,
                                batch_size=args.batch_size, progress=not args.no_progress,
-                               max_shard_size=args.max_shard_size, data_dir=args.data_dir)
+                               max_shard_size=args.max_shard_size, data_dir=args.data_dir,
+                               evaluate=args.evaluate, eval_windows=args.eval_windows)
     print(run.report.table())
     print(f"wrote {run.out_dir} in {run.seconds:.1f} s")
     if args.report:
@@ -188,20 +200,20 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .api import resolve_device
-    from .evaluate import evaluate_protocol
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .api import evaluate_perplexity
     from .model.loading import load_model
 
-    loaded = load_model(args.model, allow_pickle=args.allow_pickle,
-                        trust_remote_code=args.trust_remote_code)
-    if loaded.tokenizer is None:
-        raise _usage_error(f"{args.model} has no tokenizer files; cannot evaluate on text")
-    datasets = args.dataset or ["wikitext2"]
-    device = resolve_device(args.device)
-    model = loaded.model.to(device)
-    counts = {name: args.windows for name in datasets} if args.windows else None
-    results = evaluate_protocol(model, loaded.tokenizer, datasets, n_windows=counts,
-                                window=args.window, device=device, data_dir=args.data_dir)
+    with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        loaded = load_model(args.model, allow_pickle=args.allow_pickle,
+                            trust_remote_code=args.trust_remote_code)
+        if loaded.tokenizer is None:
+            raise _usage_error(f"{args.model} has no tokenizer files; cannot evaluate on text")
+        results = evaluate_perplexity(loaded.model, loaded.tokenizer,
+                                      args.dataset or ["wikitext2"], device=args.device,
+                                      n_windows=args.windows, window=args.window,
+                                      progress=not args.no_progress, data_dir=args.data_dir)
     if args.json:
         print(json.dumps({name: vars(result) for name, result in results.items()}, indent=2))
     else:
@@ -217,10 +229,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
     result = inspect_checkpoint(args.folder, pattern=args.pattern)
     if args.json:
         print(json.dumps({
-            "folder": str(result.folder), "pattern": str(result.pattern),
+            "folder": str(result.folder),
+            "pattern": str(result.pattern) if result.pattern is not None else None,
+            "recorded_patterns": dict(result.recorded),
             "global_sparsity": result.global_sparsity, "sparsity_section": result.section,
             "tensors": [{"name": t.name, "shape": list(t.shape), "sparsity": t.sparsity,
-                         "nm": t.nm_axis is not None, "nm_axis": t.nm_axis,
+                         "nm": t.nm_axis is not None if result.pattern is not None else None,
+                         "nm_axis": t.nm_axis,
                          "target": t.target} for t in result.tensors]}, indent=2))
     else:
         print(result.table())

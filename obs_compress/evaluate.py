@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from obs_compress.data import (
     EVALUATION_N_WINDOWS,
@@ -53,12 +54,14 @@ def perplexity(
     batch_size: int = 1,
     device: torch.device | str | None = None,
     progress: bool = False,
+    description: str = "perplexity",
 ) -> PerplexityResult:
     """Perplexity of ``model`` over ``windows`` ``(n_windows, window)``.
 
     Runs under ``torch.inference_mode`` in eval mode (the model's training flag is restored
     afterwards) without a KV cache; the log-softmax is taken in fp32 whatever the model's dtype.
     ``device`` is where the windows go (default: the device of the model's first parameter).
+    ``progress``: a progress bar over the windows (with an ETA), labelled ``description``.
     Raises :class:`NonFiniteError` when the model produces NaN logits.
     """
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
@@ -77,11 +80,7 @@ def perplexity(
         )
 
     n_windows, window = windows.shape
-    batches = range(0, n_windows, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="perplexity", unit="batch")
+    bar = tqdm(total=n_windows, desc=description, unit="window", disable=not progress)
 
     # Accumulated in float64: 40k per-token losses summed in fp32 would lose digits.
     total_nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -89,7 +88,7 @@ def perplexity(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch_start in batches:
+            for batch_start in range(0, n_windows, batch_size):
                 input_ids = windows[batch_start : batch_start + batch_size].to(
                     device=device, dtype=torch.int64
                 )
@@ -104,7 +103,9 @@ def perplexity(
                         f"{batch_start + input_ids.shape[0] - 1}"
                     )
                 total_nll += nll.double()
+                bar.update(input_ids.shape[0])
     finally:
+        bar.close()
         model.train(was_training)
 
     n_tokens = n_windows * (window - 1)
@@ -147,8 +148,14 @@ def evaluate_protocol(
             window=window,
             n_windows=counts.get(name),
         )
+        logger.info("%s: scoring %d windows of %d tokens", name, windows.shape[0], window)
         result = perplexity(
-            model, windows, batch_size=batch_size, device=device, progress=progress
+            model,
+            windows,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            description=f"perplexity {name}",
         )
         logger.info(
             "%s: perplexity %.4f (mean nll %.6f over %d tokens; %d windows of %d, tokens %s)",

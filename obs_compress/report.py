@@ -1,9 +1,15 @@
 """What a run reports: per-layer statistics, per-block results, and the run's summary.
 
-Losses are those of ``E = ||(W' - W) X^T||^2 / n`` on the calibration inputs the layer saw:
-``predicted_loss`` is the solver's own prediction (the sum of ``PruneResult.loss``, under
-the damped ``H`` it used), ``reconstruction_loss`` the measured ``sum over rows of
-dW H dW^T / 2`` with the undamped ``H``.
+Losses are increases of ``E = ||(W' - W) X^T||^2 / n`` on the calibration inputs the layer
+saw (``X: (n, d_in)``, ``n`` = the calibration tokens, ``LayerStats.n_tokens``): the squared
+error of the layer's output summed over its ``d_out`` output rows, averaged over the tokens
+(per token, summed over rows; the square of the activations' unit). With ``H = 2 X^T X / n``
+it is ``sum over rows r of dW_r H dW_r^T / 2``. ``predicted_loss`` is the solver's own
+prediction (the sum of ``PruneResult.loss``, under the damped ``H`` it used);
+``reconstruction_loss`` is measured with the undamped ``H``. They differ only by the
+dampening, and only for the OBS solvers without refit: with refit, and for magnitude and
+OBD, the prediction is the loss measured with ``H`` (with the damped one on the recursive
+inverse path, which keeps no undamped ``H`` to measure by).
 """
 
 from __future__ import annotations
@@ -17,6 +23,12 @@ from torch import nn
 from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
+
+# What the loss figures of a report are, in its JSON ("loss_units") and under its table.
+LOSS_UNITS = ("increase of E = ||(W' - W) X^T||^2 / n on the calibration data, n = calibration "
+              "tokens: the squared output error per token, summed over the layer's output rows; "
+              "predicted_loss under the damped H the solver used (the measured value for "
+              "magnitude, OBD and refit), reconstruction_loss measured with the undamped H")
 
 
 @dataclass
@@ -89,6 +101,9 @@ class PruneReport:
     seconds: float
     recipe: dict[str, Any] = field(default_factory=dict)
     model: str = ""
+    # Perplexity before and after pruning, per evaluation set (prune --eval):
+    # {"wikitext2": {"before": 24.1, "after": 44.7, "n_tokens": 40920}}
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def pruned(self) -> int:
@@ -115,7 +130,9 @@ class PruneReport:
             "seq_len": self.seq_len,
             "seconds": self.seconds,
             "recipe": self.recipe,
+            "perplexity": self.perplexity,
             "dampening_raised": [s.name for s in self.raised_dampening],
+            "loss_units": LOSS_UNITS,
             "layers": [s.to_dict() for s in self.layers],
         }
 
@@ -128,13 +145,17 @@ class PruneReport:
         """The per-layer summary as an aligned text table."""
         width = max([len("layer")] + [len(s.name) for s in self.layers])
         header = (f"{'layer':<{width}}  {'shape':>11}  {'pattern':>12}  {'sparsity':>8}  "
-                  f"{'predicted':>10}  {'measured':>10}  {'dampening':>10}  {'seconds':>7}")
+                  f"{'predicted dE':>12}  {'measured dE':>12}  {'dampening':>10}  "
+                  f"{'seconds':>7}")
         lines = [header, "-" * len(header)]
+        if any(s.predicted_loss is not None for s in self.layers):
+            lines.insert(0, "dE: increase of ||(W' - W) X^T||^2 / n, the squared output error "
+                            "per calibration token, summed over the layer's output rows")
         for s in self.layers:
             shape = f"{s.shape[0]}x{s.shape[1]}"
             lines.append(f"{s.name:<{width}}  {shape:>11}  {s.pattern:>12}  {s.sparsity:>8.4f}  "
-                         f"{_loss_text(s.predicted_loss):>10}  "
-                         f"{_loss_text(s.reconstruction_loss):>10}  "
+                         f"{_loss_text(s.predicted_loss):>12}  "
+                         f"{_loss_text(s.reconstruction_loss):>12}  "
                          f"{_dampening_text(s):>10}  {s.seconds:>7.2f}")
         lines.append("-" * len(header))
         lines.append(f"{len(self.layers)} layers in {self.n_blocks} blocks: global sparsity "
@@ -147,6 +168,9 @@ class PruneReport:
                          "(the Cholesky factorization failed with it): "
                          + ", ".join(f"{s.name} {s.requested_dampening_frac:g} -> "
                                      f"{s.dampening_frac:g}" for s in raised))
+        for name, figures in self.perplexity.items():
+            lines.append(f"{name} perplexity: {figures['before']:.4f} before pruning, "
+                         f"{figures['after']:.4f} after ({int(figures['n_tokens']):,} tokens)")
         return "\n".join(lines)
 
 
@@ -168,4 +192,4 @@ def summarize(results: Sequence[BlockResult], *, n_samples: int, seq_len: int, s
                        recipe=recipe.to_dict() if recipe is not None else {}, model=model)
 
 
-__all__ = ["BlockResult", "LayerStats", "PruneReport", "summarize"]
+__all__ = ["LOSS_UNITS", "BlockResult", "LayerStats", "PruneReport", "summarize"]

@@ -83,6 +83,28 @@ def test_prune_then_inspect_then_eval(workspace, capsys):
     assert result["n_tokens"] == 2 * 63 and result["perplexity"] > 1
 
 
+def test_eval_shows_a_progress_bar_below_its_log_lines(workspace):
+    """eval runs for many minutes on a CPU: a bar with an ETA, log lines above it, as prune;
+    --no-progress turns the bar off. Run as a user does, in its own process."""
+    tmp_path, source, _ = workspace
+    text = tmp_path / "eval.txt"
+    text.write_text("the model prunes weights with second order curvature " * 40)
+    command = [sys.executable, "-m", "obs_compress.cli", "eval", "--model", str(source),
+               "--dataset", str(text), "--windows", "3", "--window", "64", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    shown = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{text}: perplexity" in shown.stdout
+    error = shown.stderr
+    bar = error.rindex(f"perplexity {text}: 100%")
+    assert "3/3 [" in error[bar:] and "window/s]" in error[bar:]  # count, elapsed<ETA, rate
+    assert error.index("scoring 3 windows of 64 tokens") < bar  # the log line above the bar
+    quiet = subprocess.run(command + ["--no-progress"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert quiet.returncode == 0 and quiet.stdout == shown.stdout
+    assert "scoring 3 windows" in quiet.stderr and "%|" not in quiet.stderr
+
+
 @pytest.mark.parametrize("case, words", [
     ("typo", ["unknown recipe field 'sparsty'", "allowed fields"]),
     ("sparsity", ["'sparsity'", "1.5"]),
@@ -130,6 +152,54 @@ def test_errors_are_clear_and_leave_no_output(workspace, capsys, case, words):
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert folder_digest(source) == before
+
+
+def test_report_names_its_loss_units_and_prune_eval_measures_perplexity(workspace, capsys):
+    from obs_compress.evaluate import perplexity
+    from obs_compress.report import LOSS_UNITS
+
+    tmp_path, source, calibration = workspace
+    text = tmp_path / "eval.txt"
+    text.write_text("the model prunes weights with second order curvature " * 60)
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    assert main(prune_args(source, out, calibration, "obs-50.yaml", "--eval", str(text),
+                           "--eval-windows", "2", "--report", str(report))) == 0
+    printed = capsys.readouterr().out
+    assert "predicted dE" in printed and "measured dE" in printed
+    assert "per calibration token, summed over the layer's output rows" in printed
+    data = json.loads(report.read_text())
+    assert data["loss_units"] == LOSS_UNITS and "calibration tokens" in LOSS_UNITS
+    assert "predicted_loss" in data["layers"][0] and "reconstruction_loss" in data["layers"][0]
+    figures = data["perplexity"][str(text)]
+    assert figures["n_tokens"] == 2 * 1023 and figures["before"] != figures["after"]
+    assert (f"{text} perplexity: {figures['before']:.4f} before pruning, "
+            f"{figures['after']:.4f} after (2,046 tokens)") in printed
+    assert json.loads((out / "obs_compress_report.json").read_text())["perplexity"] == {
+        str(text): figures}
+
+    # The figures are the perplexity of the source and of the written output.
+    from obs_compress.data import evaluation_windows, protocol_texts
+    from obs_compress.model.loading import load_model
+
+    for folder, key in ((source, "before"), (out, "after")):
+        loaded = load_model(folder)
+        windows = evaluation_windows(loaded.tokenizer, protocol_texts(str(text)), n_windows=2)
+        assert perplexity(loaded.model, windows).perplexity == pytest.approx(figures[key])
+
+
+def test_inspect_of_an_unstructured_checkpoint_has_no_nm_line(workspace, capsys):
+    tmp_path, source, calibration = workspace
+    out = tmp_path / "out"
+    assert main(prune_args(source, out, calibration, "magnitude-50.yaml")) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "global sparsity 0.5000" in printed and "holds" not in printed
+    assert main(["inspect", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["pattern"] is None and all(t["nm"] is None for t in data["tensors"])
+    assert main(["inspect", str(out), "--pattern", "2:4"]) == 0
+    assert "2:4 holds in 0 of them" in capsys.readouterr().out
 
 
 def test_recipe_schema_prints_the_shipped_schema_file(capsys):
@@ -187,6 +257,24 @@ def test_magnitude_recipe_prunes_without_data(workspace, capsys, monkeypatch):
     assert data["n_samples"] == 0 and data["global_sparsity"] == 0.5
     assert all(layer["predicted_loss"] is None and layer["reconstruction_loss"] is None
                for layer in data["layers"])
+
+
+def test_dataset_none_with_a_recipe_that_needs_data_refuses_before_loading(
+        workspace, capsys, caplog, monkeypatch):
+    import obs_compress.api as api
+
+    tmp_path, source, _ = workspace
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    with caplog.at_level("INFO"):
+        assert main(["prune", "--model", str(source), "--recipe",
+                     os.path.join(RECIPES, "obs-50.yaml"), "--out", str(out), "--dataset",
+                     "none", "--no-progress"]) == EXIT_ERROR
+    captured = capsys.readouterr()
+    assert "without calibration data" in captured.err
+    for text in (captured.out, captured.err, caplog.text):
+        assert "from their weights alone" not in text
+    assert not out.exists()
 
 
 def test_existing_output_is_refused_before_the_work(workspace, capsys, monkeypatch):
@@ -286,3 +374,71 @@ def test_interrupted_run_leaves_source_untouched_and_no_output(tmp_path, sig):
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal.jsonl", "source"]
     assert folder_digest(source) == before
+
+
+def test_sentence_transformers_model_keeps_its_own_files(tmp_path, minilm_path, capsys):
+    """A pruned sentence-transformers folder is still one: every file of the source that the
+    tool does not rewrite (modules.json, 1_Pooling/, the card...) is carried over unchanged."""
+    before = folder_digest(minilm_path)
+    recipe = tmp_path / "magnitude-none.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "magnitude", "sparsity": 0.5,
+                                      "calibration": {"source": "none"}}))
+    out = tmp_path / "minilm-50"
+    assert main(["prune", "--model", str(minilm_path), "--recipe", str(recipe), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "global sparsity 0.5000" in capsys.readouterr().out
+    assert folder_digest(minilm_path) == before
+    written = folder_digest(out)
+    weights = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+    carried = {name: data for name, data in before.items()
+               if name not in ("config.json", "generation_config.json")
+               and not name.endswith(weights) and not name.startswith(".")}
+    for name in ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json",
+                 "config_sentence_transformers.json", "README.md", "vocab.txt"):
+        assert name in carried  # the source really has them: the check below is not empty
+    for name, data in carried.items():
+        assert written.get(name) == data, name  # present, byte for byte
+    assert json.loads(written["config.json"])["sparsity"]["global_sparsity"] == 0.5
+    assert written["model.safetensors"] != before["model.safetensors"]
+
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    model = sentence_transformers.SentenceTransformer(str(out), device="cpu")
+    embeddings = model.encode(["a pruned model still embeds", "sentences"])
+    assert embeddings.shape == (2, 384)
+    assert abs(float((embeddings[0] ** 2).sum()) - 1) < 1e-4  # 2_Normalize is still there
+
+
+def test_cli_and_python_api_write_the_same_folder(workspace):
+    """Whichever door: the CLI's folder and oneshot + save_pretrained's (no recipe passed, the
+    report carries it) hold the same files, byte for byte, but for the report's timings and
+    model name."""
+    import obs_compress
+    from transformers import AutoModelForCausalLM
+
+    tmp_path, source, calibration = workspace
+    sizes = ["calibration.n_samples=4", "calibration.seq_len=48"]
+    assert main(prune_args(source, tmp_path / "cli", calibration, "obs-50.yaml")) == 0
+    model = AutoModelForCausalLM.from_pretrained(source)
+    recipe = obs_compress.load_recipe(os.path.join(RECIPES, "obs-50.yaml")).with_updates(sizes)
+    report = obs_compress.oneshot(model, recipe, str(calibration), progress=False)
+    obs_compress.save_pretrained(model, tmp_path / "api", source=source, report=report)
+
+    cli, api = folder_digest(tmp_path / "cli"), folder_digest(tmp_path / "api")
+    assert sorted(cli) == sorted(api)
+    assert "recipe.yaml" in api and "tokenizer.json" in api
+    section = json.loads(api["config.json"])["sparsity"]
+    assert (section["method"], section["pattern"], section["sparsity"]) == (
+        "obs_blockwise", "unstructured", 0.5)
+
+    def comparable(text):
+        data = json.loads(text)
+        for entry in (data, *data["layers"]):
+            del entry["seconds"]
+        del data["model"]
+        return data
+
+    for name in cli:
+        if name == "obs_compress_report.json":
+            assert comparable(cli[name]) == comparable(api[name])
+        else:
+            assert cli[name] == api[name], name

@@ -132,7 +132,7 @@ def test_failure_leaves_nothing_behind(tmp_path, input_ids, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint, "copy_tokenizer_files", broken)
+    monkeypatch.setattr(checkpoint, "carry_over_source_files", broken)
     source = tmp_path / "source"
     source.mkdir()
     out = tmp_path / "deep" / "er" / "out"
@@ -171,6 +171,26 @@ def test_inspect_reports_sparsity_and_nm(tmp_path, input_ids):
     embed = next(t for t in result.tensors if "embed_tokens" in t.name)
     assert embed.nm_axis is None and not embed.target
     assert "2:4 holds in 14 of them" in result.table()
+
+
+def test_inspect_checks_only_the_pattern_the_checkpoint_records(tmp_path, input_ids):
+    model, recipe, report = pruned("llama", input_ids)  # unstructured
+    out = save_pretrained(model, tmp_path / "unstructured", recipe=recipe, report=report)
+    result = inspect_checkpoint(out)
+    assert result.pattern is None and result.recorded == {}
+    assert all(t.nm_axis is None for t in result.tensors)
+    table = result.table()
+    assert "holds" not in table and "2:4" not in table  # no N:M line at all
+    assert "14 target tensors: global sparsity 0.5000" in table
+    forced = inspect_checkpoint(out, pattern="2:4")  # still possible when asked for
+    assert str(forced.pattern) == "2:4" and "2:4 holds in 0 of them" in forced.table()
+
+    mixed = {"method": "magnitude", "overrides": [{"targets": ["mlp"], "pattern": "2:4"}]}
+    model, recipe, report = pruned("llama", input_ids, mixed)
+    out = save_pretrained(model, tmp_path / "mixed", recipe=recipe, report=report)
+    result = inspect_checkpoint(out)
+    assert str(result.pattern) == "2:4" and result.recorded == {"2:4": 6}
+    assert "2:4 holds in 6 of them (config.json: 6 layers pruned 2:4)" in result.table()
 
 
 def test_nm_holds():

@@ -3,8 +3,9 @@
 One writer: ``model.save_pretrained`` (transformers' public call) writes the weights,
 ``config.json`` and the generation config into a temporary folder; this module adds what
 transformers does not know about: the ``sparsity`` section of ``config.json`` (method,
-pattern, global sparsity, targets), the tokenizer files copied from the source, the recipe
-used (``recipe.yaml``) and the run's report (``obs_compress_report.json``). transformers
+pattern, global sparsity, targets), the source folder's other files carried over (tokenizer,
+a sentence-transformers model's ``modules.json`` and ``1_Pooling/``, its model card...), the
+recipe used (``recipe.yaml``) and the run's report (``obs_compress_report.json``). transformers
 owns the state dict (tied weights written once, loading-time renames reverted, shards and
 their index), so a checkpoint it writes is one it reads back.
 
@@ -25,6 +26,7 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -41,11 +43,19 @@ CONFIG_NAME = "config.json"
 SPARSITY_KEY = "sparsity"
 PARTIAL_INFIX = ".partial-"
 
-# Tokenizer files as transformers writes them (plus the sentencepiece/tiktoken variants).
+# Tokenizer files as transformers writes them (plus the sentencepiece/tiktoken variants): a
+# source holding none of them gets the in-memory tokenizer saved instead.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
                    "chat_template.json", "chat_template.jinja", "*.tiktoken")
+# Weights in any format are never carried over from the source: the output's are written
+# fresh, and a copy of the source's would put the dense model back beside the pruned one.
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf",
+                "*.safetensors.index.json", "*.bin.index.json",
+                "*.onnx", "*.onnx_data", "*.h5", "*.msgpack", "*.ot", "*.tflite")
+# Top-level files of the source that describe the dense model: written fresh for the output.
+REWRITTEN_FILES = (CONFIG_NAME, "generation_config.json", RECIPE_NAME, REPORT_NAME)
 
 
 def _tool_version() -> str:
@@ -259,21 +269,38 @@ def check_shard_size(max_shard_size: int | str) -> int:
     return size
 
 
-def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
-    """Copy the tokenizer files of ``source`` into ``destination``; returns their names."""
-    copied = []
-    for pattern in TOKENIZER_FILES:
-        for path in sorted(source.glob(pattern)):
-            if path.is_file() and not (destination / path.name).exists():
-                shutil.copy2(path, destination / path.name)
-                copied.append(path.name)
-    return copied
+def carry_over_source_files(source: Path, destination: Path) -> list[str]:
+    """Copy every file of ``source`` that ``destination`` does not have yet, subfolders
+    included, except weights (:data:`WEIGHT_FILES`), the top-level files written fresh
+    (:data:`REWRITTEN_FILES`) and hidden entries (``.git``, ``.cache``, ``.gitattributes``:
+    version control and download caches, not the model). Returns the copied paths, relative
+    to ``source``.
+
+    So the output keeps what the tool does not rewrite: the tokenizer, a sentence-transformers
+    model's ``modules.json``, ``1_Pooling/`` and ``sentence_bert_config.json``, the model card.
+    Symbolic links (a hub cache's snapshot) are copied as the files they point to.
+    """
+    carried = []
+    for root, folders, files in os.walk(source):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        relative_root = Path(root).relative_to(source)
+        for name in sorted(files):
+            relative = relative_root / name
+            if (name.startswith(".") or any(fnmatch(name.lower(), p) for p in WEIGHT_FILES)
+                    or (relative_root == Path(".") and name in REWRITTEN_FILES)
+                    or (destination / relative).exists()):
+                continue
+            (destination / relative_root).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(root) / name, destination / relative)
+            carried.append(relative.as_posix())
+    return carried
 
 
 def write_folder_contents(folder: Path, model: nn.Module, *, tokenizer: Any = None,
                           source: str | os.PathLike | None = None, recipe: Any = None,
                           report: Any = None, max_shard_size: int | str = "2GB") -> None:
-    """Write weights, config, tokenizer, recipe and report into ``folder`` (no atomicity)."""
+    """Write weights, config, the source's other files, recipe and report into ``folder``
+    (no atomicity)."""
     with _as_plain_weights(model):
         model.save_pretrained(folder, max_shard_size=check_shard_size(max_shard_size))
     config_path = folder / CONFIG_NAME
@@ -282,10 +309,11 @@ def write_folder_contents(folder: Path, model: nn.Module, *, tokenizer: Any = No
     config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     source_folder = Path(source).expanduser() if source is not None else None
-    copied = []
+    carried = []
     if source_folder is not None and source_folder.is_dir():
-        copied = copy_tokenizer_files(source_folder, folder)
-    if not copied and tokenizer is not None:
+        carried = carry_over_source_files(source_folder, folder)
+    has_tokenizer = any(fnmatch(name, pattern) for name in carried for pattern in TOKENIZER_FILES)
+    if not has_tokenizer and tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
     if recipe is not None:
@@ -304,10 +332,11 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
                     max_shard_size: int | str = "2GB") -> Path:
     """Write ``model`` to ``out_dir`` atomically (see the module docstring); returns the folder.
 
-    ``source``: the folder the model was loaded from; its tokenizer files are copied and it
-    is protected from being overwritten. ``tokenizer`` is saved when the source has no
-    tokenizer files. ``recipe``/``report``: stored beside the weights and summarised in
-    ``config.json``'s ``sparsity`` section.
+    ``source``: the folder the model was loaded from; its files other than weights and
+    config are carried over (:func:`carry_over_source_files`) and it is protected from being
+    overwritten. ``tokenizer`` is saved when the source has no tokenizer files.
+    ``recipe``/``report``: stored beside the weights and summarised in ``config.json``'s
+    ``sparsity`` section.
     """
     with atomic_output_dir(out_dir, overwrite=overwrite, source=source) as partial:
         write_folder_contents(partial, model, tokenizer=tokenizer, source=source, recipe=recipe,
@@ -337,6 +366,6 @@ def read_sparsity_section(folder: str | os.PathLike) -> Mapping[str, Any] | None
 
 
 __all__ = ["RECIPE_NAME", "REPORT_NAME", "apply_umask_permissions", "atomic_output_dir",
-           "check_output_dir", "check_shard_size", "copy_tokenizer_files", "load_pretrained",
+           "carry_over_source_files", "check_output_dir", "check_shard_size", "load_pretrained",
            "read_sparsity_section", "remove_stale_partials", "save_pretrained",
            "sparsity_section", "write_folder_contents"]

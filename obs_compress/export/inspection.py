@@ -2,9 +2,13 @@
 
 Nothing is instantiated and nothing is unpickled: each ``*.safetensors`` file of the folder
 is opened with ``safetensors.safe_open`` and every 2-D floating ``*.weight`` tensor is
-measured. The N:M check looks at groups of M consecutive entries along the input axis
-(the last one of an ``nn.Linear`` weight ``(d_out, d_in)``); when that fails it also tries
-axis 0, where ``Conv1D`` (GPT-2) keeps its inputs, and says so.
+measured. The N:M check runs only where it applies: for the N:M pattern the checkpoint
+says it was pruned with (``config.json``'s ``sparsity`` section: its ``patterns`` map of
+pattern to layer count, else its ``pattern``), or the one asked for; an unstructured
+checkpoint, or one without the section, gets no N:M check. It looks at groups of M
+consecutive entries along the input axis (the last one of an ``nn.Linear`` weight ``(d_out,
+d_in)``); when that fails it also tries axis 0, where ``Conv1D`` (GPT-2) keeps its inputs,
+and says so.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from safetensors import safe_open
 
-from ..errors import ModelLoadError
+from ..errors import InvalidArgument, ModelLoadError
 from ..math.masks import Pattern, parse_pattern
 from .checkpoint import read_sparsity_section
 
@@ -28,7 +32,8 @@ class TensorSparsity:
     name: str
     shape: tuple[int, ...]
     zeros: int
-    nm_axis: int | None  # the axis along which the N:M pattern holds, None when it does not
+    nm_axis: int | None  # the axis along which the N:M pattern holds; None: it does not, or
+    # no pattern was checked
     target: bool  # listed among the pruned targets in config.json
 
     @property
@@ -43,9 +48,12 @@ class TensorSparsity:
 @dataclass
 class CheckpointSparsity:
     folder: Path
-    pattern: Pattern  # the N:M pattern checked
+    pattern: Pattern | None  # the N:M pattern checked; None: none applies (see the module)
     section: Mapping[str, Any] | None  # config.json's "sparsity" section, if any
     tensors: list[TensorSparsity] = field(default_factory=list)
+    # What config.json records about the N:M patterns: pattern -> number of layers (None
+    # where only the recipe's pattern is recorded); the ones not checked are named.
+    recorded: Mapping[str, int | None] = field(default_factory=dict)
 
     @property
     def targets(self) -> list[TensorSparsity]:
@@ -60,19 +68,33 @@ class CheckpointSparsity:
 
     def table(self) -> str:
         width = max([len("tensor")] + [len(t.name) for t in self.tensors])
-        header = (f"{'tensor':<{width}}  {'shape':>11}  {'sparsity':>8}  "
-                  f"{str(self.pattern) + ' holds':>12}  target")
+        nm_header = f"  {str(self.pattern) + ' holds':>12}" if self.pattern is not None else ""
+        header = f"{'tensor':<{width}}  {'shape':>11}  {'sparsity':>8}{nm_header}  target"
         lines = [header, "-" * len(header)]
         for t in self.tensors:
             shape = "x".join(str(s) for s in t.shape)
-            nm = "no" if t.nm_axis is None else ("yes" if t.nm_axis == len(t.shape) - 1
-                                                 else f"yes (axis {t.nm_axis})")
-            lines.append(f"{t.name:<{width}}  {shape:>11}  {t.sparsity:>8.4f}  {nm:>12}  "
+            nm = ""
+            if self.pattern is not None:
+                held = "no" if t.nm_axis is None else ("yes" if t.nm_axis == len(t.shape) - 1
+                                                       else f"yes (axis {t.nm_axis})")
+                nm = f"  {held:>12}"
+            lines.append(f"{t.name:<{width}}  {shape:>11}  {t.sparsity:>8.4f}{nm}  "
                          f"{'yes' if t.target else ''}")
         lines.append("-" * len(header))
-        held = sum(t.nm_axis is not None for t in self.targets)
-        lines.append(f"{len(self.targets)} target tensors: global sparsity "
-                     f"{self.global_sparsity:.4f}; {self.pattern} holds in {held} of them")
+        summary = (f"{len(self.targets)} target tensors: global sparsity "
+                   f"{self.global_sparsity:.4f}")
+        if self.pattern is not None:
+            held = sum(t.nm_axis is not None for t in self.targets)
+            summary += f"; {self.pattern} holds in {held} of them"
+            count = self.recorded.get(str(self.pattern))
+            if count is not None and count != len(self.targets):
+                summary += f" (config.json: {count} layers pruned {self.pattern})"
+        lines.append(summary)
+        others = [f"{name} ({count} layers)" if count is not None else name
+                  for name, count in self.recorded.items() if name != str(self.pattern)]
+        if others:
+            lines.append(f"also recorded, not checked: {', '.join(others)} "
+                         "(--pattern N:M checks another)")
         if self.section:
             lines.append(f"config.json sparsity: method={self.section.get('method')} "
                          f"pattern={self.section.get('pattern')} "
@@ -95,12 +117,33 @@ def nm_holds(tensor: torch.Tensor, pattern: Pattern, axis: int) -> bool:
     return bool((groups.sum(-1) >= pattern.pruned_per_group).all())
 
 
+def recorded_nm_patterns(section: Mapping[str, Any] | None) -> dict[str, int | None]:
+    """The N:M patterns a ``sparsity`` section says the checkpoint was pruned with: pattern
+    -> number of layers (from ``patterns``), most layers first; ``{pattern: None}`` when only
+    the recipe's ``pattern`` is recorded; empty for an unstructured checkpoint. Entries that
+    are no pattern at all are skipped: this reads any checkpoint's config."""
+    section = section if isinstance(section, Mapping) else {}
+    counts = section.get("patterns")
+    if not isinstance(counts, Mapping) or not counts:
+        counts = {section.get("pattern"): None}
+    found: dict[str, int | None] = {}
+    for text, count in counts.items():
+        try:
+            parsed = parse_pattern(text)
+        except InvalidArgument:
+            continue
+        if parsed.is_nm:
+            found[str(parsed)] = count if isinstance(count, int) else None
+    return dict(sorted(found.items(), key=lambda item: -(item[1] or 0)))
+
+
 def inspect_checkpoint(folder: str | os.PathLike, *,
                        pattern: str | None = None) -> CheckpointSparsity:
     """Measure every 2-D weight of the checkpoint in ``folder`` (see the module docstring).
 
-    ``pattern``: the N:M pattern to check; default the one in ``config.json``'s sparsity
-    section when it is N:M, else 2:4.
+    ``pattern``: the N:M pattern to check; default the one ``config.json``'s sparsity
+    section records (the one of most layers when it records several), none when it records
+    no N:M pattern.
     """
     path = Path(folder).expanduser()
     if not path.is_dir():
@@ -109,16 +152,16 @@ def inspect_checkpoint(folder: str | os.PathLike, *,
     if not files:
         raise ModelLoadError(f"checkpoint {str(path)!r} holds no *.safetensors files")
     section = read_sparsity_section(path)
+    recorded = recorded_nm_patterns(section)
     if pattern is None:
-        recorded = (section or {}).get("pattern")
-        parsed = parse_pattern(recorded) if recorded else Pattern()
-        checked = parsed if parsed.is_nm else parse_pattern("2:4")
+        checked = parse_pattern(next(iter(recorded))) if recorded else None
     else:
         checked = parse_pattern(pattern)
         if not checked.is_nm:
             raise ModelLoadError(f"pattern to check must be N:M (e.g. 2:4), got {pattern!r}")
     targets = {f"{name}.weight" for name in (section or {}).get("targets", [])}
-    result = CheckpointSparsity(folder=path, pattern=checked, section=section)
+    result = CheckpointSparsity(folder=path, pattern=checked, section=section,
+                                recorded=recorded)
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
@@ -127,7 +170,8 @@ def inspect_checkpoint(folder: str | os.PathLike, *,
                 tensor = handle.get_tensor(name)
                 if tensor.ndim != 2 or not tensor.is_floating_point():
                     continue
-                axis = next((a for a in (1, 0) if nm_holds(tensor, checked, a)), None)
+                axis = None if checked is None else next(
+                    (a for a in (1, 0) if nm_holds(tensor, checked, a)), None)
                 result.tensors.append(TensorSparsity(
                     name=name, shape=tuple(tensor.shape), zeros=int((tensor == 0).sum()),
                     nm_axis=axis, target=name in targets))
@@ -135,4 +179,5 @@ def inspect_checkpoint(folder: str | os.PathLike, *,
     return result
 
 
-__all__ = ["CheckpointSparsity", "TensorSparsity", "inspect_checkpoint", "nm_holds"]
+__all__ = ["CheckpointSparsity", "TensorSparsity", "inspect_checkpoint", "nm_holds",
+           "recorded_nm_patterns"]
