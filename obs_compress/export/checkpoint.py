@@ -54,8 +54,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf",
                 "*.safetensors.index.json", "*.bin.index.json",
                 "*.onnx", "*.onnx_data", "*.h5", "*.msgpack", "*.ot", "*.tflite")
-# Top-level files of the source that describe the dense model: written fresh for the output.
-REWRITTEN_FILES = (CONFIG_NAME, "generation_config.json", RECIPE_NAME, REPORT_NAME)
+# Top-level files of the source that describe the dense model: written fresh for the output,
+# or this tool's records of an earlier run on the source (its report, a conversion marker).
+REWRITTEN_FILES = (CONFIG_NAME, "generation_config.json", RECIPE_NAME, "obs_compress_*.json")
 
 
 def _tool_version() -> str:
@@ -287,7 +288,8 @@ def carry_over_source_files(source: Path, destination: Path) -> list[str]:
         for name in sorted(files):
             relative = relative_root / name
             if (name.startswith(".") or any(fnmatch(name.lower(), p) for p in WEIGHT_FILES)
-                    or (relative_root == Path(".") and name in REWRITTEN_FILES)
+                    or (relative_root == Path(".")
+                        and any(fnmatch(name, p) for p in REWRITTEN_FILES))
                     or (destination / relative).exists()):
                 continue
             (destination / relative_root).mkdir(parents=True, exist_ok=True)
