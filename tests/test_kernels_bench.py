@@ -1,26 +1,16 @@
 """tools/bench_kernels.py: its SparseGPT-style baseline against oracles, and a tiny smoke run."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH_PATH = Path(__file__).resolve().parents[1] / "tools" / "bench_kernels.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_kernels"] = module  # dataclasses look their module up while building
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("bench_kernels", None)
+    import bench_kernels  # tools/, on the path through conftest.py
+
+    return bench_kernels
 
 
 def test_sparsegpt_reference_with_identity_hessian_is_magnitude(bench):

@@ -1,26 +1,16 @@
 """tools/make_random_llama.py: the preset sizes it states, and a folder the CLI can calibrate on."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_random_llama.py"
-
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("make_random_llama", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_random_llama"] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("make_random_llama", None)
+    import make_random_llama  # tools/, on the path through conftest.py
+
+    return make_random_llama
 
 
 def test_1b_preset_has_the_stated_parameter_count(tool):
