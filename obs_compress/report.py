@@ -14,15 +14,12 @@ inverse path, which keeps no undamped ``H`` to measure by).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from torch import nn
 
 from .recipe import Recipe
-
-logger = logging.getLogger(__name__)
 
 # What the loss figures of a report are, in its JSON ("loss_units") and under its table.
 LOSS_UNITS = ("increase of E = ||(W' - W) X^T||^2 / n on the calibration data, n = calibration "
