@@ -154,7 +154,8 @@ def convert_gguf_to_safetensors(gguf_path: str | os.PathLike[str],
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"transformers could not read {gguf_path}: {exc} (reading GGUF "
-                             "needs the `gguf` package: `pip install gguf`)") from exc
+                             "needs the `gguf` and `accelerate` packages: "
+                             "`pip install -e '.[convert]'`)") from exc
     _align_special_tokens_(tokenizer, model.config)
     # The weights are plain fp32 now; without these two lines the saved config would still
     # claim a GGUF quantization and from_pretrained(folder) would try to undo it.
