@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import InvalidArgument, OutputExistsError, UnsupportedModel
 from ..model.blocks import find_block_stack, find_layers
+from .shards import write_model_config, write_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +305,8 @@ def write_folder_contents(folder: Path, model: nn.Module, *, tokenizer: Any = No
     """Write weights, config, the source's other files, recipe and report into ``folder``
     (no atomicity)."""
     with _as_plain_weights(model):
-        model.save_pretrained(folder, max_shard_size=check_shard_size(max_shard_size))
+        write_model_config(folder, model)
+        write_state_dict(folder, model, check_shard_size(max_shard_size))
     config_path = folder / CONFIG_NAME
     data = json.loads(config_path.read_text(encoding="utf-8"))
     data[SPARSITY_KEY] = sparsity_section(model, recipe=recipe, report=report)

@@ -1,0 +1,323 @@
+"""The one safetensors writer: a checkpoint's tensors, shard by shard, as they become ready.
+
+Every run writes its weights through :class:`ShardWriter`: the in-memory path hands it the
+whole state dict at once, the streaming path one block at a time. Both give the same files
+byte for byte, because the layout (which tensor goes in which file, under which name) is
+decided from the model's structure alone (:func:`checkpoint_layout`, which works on a model
+whose weights are still on the meta device) and each file's bytes from its tensors alone
+(:func:`write_safetensors`).
+
+* Names: the model's state dict with tied copies removed and transformers' loading-time
+  renames reverted (its own ``remove_tied_weights_from_state_dict`` and
+  ``revert_weight_conversion``), so the files are what ``save_pretrained`` writes.
+* Shards: ``huggingface_hub.split_torch_state_dict_into_shards`` (``model.safetensors``, or
+  ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``).
+* Every tensor passes through :func:`tensors_for_file`, the one place where a tensor of the
+  model becomes the tensors stored for it.
+* A shard is written (to ``<name>.tmp``, then renamed) as soon as every tensor of it has been
+  added. Tensors that arrive before their shard is complete wait in a staging file on disk
+  (``staging/part-<label>.safetensors``), so memory holds one block, not one shard; the
+  staging files are also what a resumed run picks up (:mod:`obs_compress.export.progress`).
+
+File format (https://github.com/huggingface/safetensors#format): 8 bytes little-endian
+header length, a JSON header (``__metadata__`` first, then the tensors in the order of their
+data; compact, padded with spaces to a multiple of 8), then the raw little-endian data. The
+order is safetensors' own (wider dtypes first, then by name), so a file equals what
+``safetensors.torch.save_file`` writes for the same tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import InvalidArgument
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+STAGING_DIR = "staging"
+FILE_METADATA = {"format": "pt"}  # what transformers writes into every shard
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def tensors_for_file(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors stored in the checkpoint for the model's tensor ``name``.
+
+    Today the tensor itself (dense, zeros in place). The one place a compressed format
+    encodes a pruned weight into several stored tensors.
+    """
+    return {name: tensor}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of ``tensor`` as stored (C order, native little-endian)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+            metadata: Mapping[str, str] | None) -> tuple[bytes, list[tuple[str, int]]]:
+    """The padded JSON header and each tensor's ``(name, nbytes)`` in data order."""
+    ordered = sorted(entries, key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0]))
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    sizes = []
+    for name, dtype, shape in ordered:
+        if dtype not in _DTYPE_NAMES:
+            raise InvalidArgument(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+        nbytes = torch.empty((), dtype=dtype).element_size()
+        for size in shape:
+            nbytes *= size
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        sizes.append((name, nbytes))
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, sizes
+
+
+def write_safetensors(path: Path, shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                      tensor: Callable[[str], torch.Tensor],
+                      metadata: Mapping[str, str] | None = FILE_METADATA) -> str:
+    """Write a safetensors file holding ``shapes``' tensors, fetching each by ``tensor(name)``
+    only when its bytes are due (so one tensor at a time is in memory). Written to
+    ``path.tmp``, flushed to disk, then renamed. Returns the file's sha256."""
+    header, sizes = _header(((name, dtype, shape) for name, (dtype, shape) in shapes.items()),
+                            metadata)
+    digest = hashlib.sha256(header)
+    partial = path.with_name(path.name + ".tmp")
+    with partial.open("wb") as handle:
+        handle.write(header)
+        for name, nbytes in sizes:
+            value = tensor(name)
+            dtype, shape = shapes[name]
+            if value.dtype != dtype or tuple(value.shape) != tuple(shape):
+                raise InvalidArgument(f"tensor {name} is {value.dtype} {tuple(value.shape)}; the "
+                                      f"layout of {path.name} expects {dtype} {tuple(shape)}")
+            data = tensor_bytes(value)
+            assert len(data) == nbytes
+            handle.write(data)
+            digest.update(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    partial.replace(path)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Which file holds which tensor of the model, and the index beside them.
+
+    ``sources``: stored name -> the model's state-dict name it comes from (a renamed or
+    tied tensor is stored once, under the name transformers writes).
+    """
+
+    files: dict[str, list[str]]  # file name -> stored names, in state-dict order
+    sources: dict[str, str]
+    shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]]  # stored name -> (dtype, shape)
+    total_parameters: int
+
+    @property
+    def is_sharded(self) -> bool:
+        return len(self.files) > 1
+
+    def file_of(self) -> dict[str, str]:
+        return {name: file for file, names in self.files.items() for name in names}
+
+    def index(self) -> dict:
+        total = sum(_nbytes(dtype, shape) for dtype, shape in self.shapes.values())
+        return {"metadata": {"total_parameters": self.total_parameters, "total_size": total},
+                "weight_map": dict(sorted(self.file_of().items()))}
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def checkpoint_layout(model: nn.Module, max_shard_size: int) -> CheckpointLayout:
+    """The layout transformers' ``save_pretrained`` gives ``model``'s state dict, from its
+    structure alone (the weights may be on the meta device)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict()
+    kept = remove_tied_weights_from_state_dict(dict(state), model)
+    # Mark each tensor by its name so the reverted (renamed) dict says where it came from.
+    marked = {name: torch.empty(0).as_strided((0,), (1,)) for name in kept}
+    for name, marker in marked.items():
+        marker.obs_compress_source = name  # type: ignore[attr-defined]
+    reverted = revert_weight_conversion(model, marked)
+    sources = {}
+    for stored, marker in reverted.items():
+        source = getattr(marker, "obs_compress_source", None)
+        if source is None:
+            raise InvalidArgument(
+                f"{type(model).__name__} stores {stored} combined from several tensors of the "
+                "model (a transformers weight conversion); such models are not supported yet")
+        sources[stored] = source
+    shapes = {stored: (kept[source].dtype, tuple(kept[source].shape))
+              for stored, source in sources.items()}
+    sized = {stored: torch.empty(shape, dtype=dtype, device="meta")
+             for stored, (dtype, shape) in shapes.items()}
+    split = split_torch_state_dict_into_shards(
+        sized, filename_pattern=WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"),
+        max_shard_size=max_shard_size)
+    order = list(sources)
+    files = {file: sorted(names, key=order.index)
+             for file, names in split.filename_to_tensors.items()}
+    total = sum(p.numel() for p in model.parameters())
+    return CheckpointLayout(files=files, sources=sources, shapes=shapes, total_parameters=total)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class ShardWriter:
+    """Write a :class:`CheckpointLayout`'s files into ``folder`` as their tensors arrive.
+
+    :meth:`add` takes model tensors by their state-dict names; a shard whose tensors are all
+    in is written at once; the others' tensors wait in one staging file per call (named by
+    ``label``). ``staged``/``written`` say what is on disk (for the progress manifest);
+    ``restore`` takes them back after a crash.
+    """
+
+    def __init__(self, folder: Path, layout: CheckpointLayout):
+        self.folder = folder
+        self.layout = layout
+        self._file_of = layout.file_of()
+        self._by_source: dict[str, list[str]] = {}
+        for stored, source in layout.sources.items():
+            self._by_source.setdefault(source, []).append(stored)
+        self.staged: dict[str, dict] = {}  # staging file -> {"names": [...], "sha256": ...}
+        self.written: dict[str, str] = {}  # shard file -> sha256
+
+    def _stored_names(self) -> dict[str, str]:
+        """stored name -> staging file, for every staged tensor."""
+        return {name: part for part, record in self.staged.items() for name in record["names"]}
+
+    def add(self, tensors: Mapping[str, torch.Tensor], label: str) -> list[str]:
+        """Add model tensors (state-dict names; a name the layout does not store, a tied
+        copy, is skipped). Returns the staging files no longer needed (every tensor of
+        theirs is in a written shard): the caller deletes them once its record says so."""
+        ready: dict[str, torch.Tensor] = {}
+        for source, tensor in tensors.items():
+            for stored in self._by_source.get(source, []):
+                for name, value in tensors_for_file(stored, tensor).items():
+                    ready[name] = value
+        staged = self._stored_names()
+        complete = [file for file, names in self.layout.files.items()
+                    if file not in self.written and any(n in ready for n in names)
+                    and all(n in ready or n in staged for n in names)]
+        for file in complete:
+            self._write_shard(file, ready, staged)
+        leftover = {name: value for name, value in ready.items()
+                    if self._file_of[name] not in self.written}
+        if leftover:
+            (self.folder / STAGING_DIR).mkdir(exist_ok=True)
+            part = f"{STAGING_DIR}/part-{label}.safetensors"
+            digest = write_safetensors(self.folder / part,
+                                       {n: (v.dtype, tuple(v.shape)) for n, v in leftover.items()},
+                                       leftover.__getitem__)
+            self.staged[part] = {"names": sorted(leftover), "sha256": digest}
+        done = [part for part, record in self.staged.items()
+                if all(self._file_of[n] in self.written for n in record["names"])]
+        for part in done:
+            del self.staged[part]
+        return done
+
+    def _write_shard(self, file: str, ready: Mapping[str, torch.Tensor],
+                     staged: Mapping[str, str]) -> None:
+        from safetensors import safe_open
+
+        handles: dict = {}
+
+        def fetch(name: str) -> torch.Tensor:
+            if name in ready:
+                return ready[name]
+            part = staged[name]
+            if part not in handles:
+                handles[part] = safe_open(str(self.folder / part), framework="pt")
+            return handles[part].get_tensor(name)
+
+        shapes = {name: self.layout.shapes[name] for name in self.layout.files[file]}
+        self.written[file] = write_safetensors(self.folder / file, shapes, fetch)
+
+    def missing(self) -> list[str]:
+        return [name for file, names in self.layout.files.items() if file not in self.written
+                for name in names if name not in self._stored_names()]
+
+    def finish(self) -> None:
+        """Check every shard is written and write the index of a sharded checkpoint."""
+        unwritten = [file for file in self.layout.files if file not in self.written]
+        if unwritten:
+            raise InvalidArgument(f"the checkpoint is incomplete: {', '.join(unwritten)} never "
+                                  f"received {', '.join(self.missing()[:5])}")
+        if self.layout.is_sharded:
+            (self.folder / INDEX_NAME).write_text(
+                json.dumps(self.layout.index(), indent=2, sort_keys=True) + "\n",
+                encoding="utf-8")
+
+    def restore(self, staged: Mapping[str, dict], written: Mapping[str, str]) -> None:
+        self.staged = {part: dict(record) for part, record in staged.items()}
+        self.written = dict(written)
+
+
+def write_state_dict(folder: Path, model: nn.Module, max_shard_size: int) -> None:
+    """The in-memory path: every tensor of ``model`` through one :class:`ShardWriter`."""
+    writer = ShardWriter(folder, checkpoint_layout(model, max_shard_size))
+    writer.add(model.state_dict(), label="all")
+    writer.finish()
+
+
+def write_model_config(folder: Path, model: nn.Module) -> None:
+    """``config.json`` (with the model's dtype and class) and the generation config, as
+    transformers' ``save_pretrained`` writes them."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype is not None:
+        model.config.dtype = str(dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    is_remote_code = getattr(model, "is_remote_code", None)
+    if callable(is_remote_code) and is_remote_code():
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, folder, config=model.config)
+    model.config.save_pretrained(folder)
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate() and getattr(model, "generation_config", None):
+        model.generation_config.save_pretrained(folder)
+
+
+__all__ = ["CheckpointLayout", "INDEX_NAME", "ShardWriter", "WEIGHTS_NAME", "checkpoint_layout",
+           "file_sha256", "tensor_bytes", "tensors_for_file", "write_model_config",
+           "write_safetensors", "write_state_dict"]
