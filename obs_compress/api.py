@@ -234,7 +234,7 @@ class PruneRun:
 
     report: PruneReport
     out_dir: Path
-    model: nn.Module
+    model: nn.Module  # a streaming run's is on the meta device: its weights are in out_dir
     tokenizer: Any
     seconds: float
 
@@ -246,7 +246,8 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                      dtype: Any = None, batch_size: int = 8, progress: bool = True,
                      max_shard_size: int | str = "2GB",
                      data_dir: str | os.PathLike | None = None, evaluate: Sequence[str] = (),
-                     eval_windows: int | None = None) -> PruneRun:
+                     eval_windows: int | None = None, streaming: bool | None = None,
+                     resume: bool = False) -> PruneRun:
     """Load ``model`` (folder or hub id), prune it by ``recipe``, write it to ``out_dir``.
 
     The output folder and the calibration choice are checked first, so a refusal comes
@@ -254,6 +255,13 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
     the run completes. ``evaluate``: data sets (``wikitext2``, ``c4``, a file) whose
     perplexity is measured before and after pruning (:func:`evaluate_perplexity`, the
     first ``eval_windows`` windows of each) and stored in the report.
+
+    ``streaming``: None (default) streams a local folder of safetensors one block at a time
+    (:mod:`obs_compress.stream`) unless the run needs the whole model (``owl``, ``--dataset
+    self``, ``evaluate``: the report says why it did not stream); True insists (refused with
+    the reason otherwise); False loads the whole model. ``resume``: continue the interrupted
+    streaming run of ``out_dir`` from its last finished block (refused if the recipe, model,
+    calibration or settings differ).
     """
     start = time.perf_counter()
     recipe = load_recipe(recipe)
@@ -263,6 +271,26 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
     calibration = select_calibration(dataset, recipe.calibration)
     if calibration.is_none:
         check_runs_without_data(recipe)
+    reason = "streaming=False was asked for" if streaming is False else None
+    if streaming is not False:
+        from .stream import prune_streaming, streaming_refusal
+
+        reason = streaming_refusal(source.resolve() if source.is_dir() else None, recipe,
+                                   calibration, evaluate)
+        if reason is None:
+            report, out, streamed, tokenizer = prune_streaming(
+                source.resolve(), recipe, out_dir, calibration=calibration,
+                device=resolve_device(device), overwrite=overwrite, resume=resume,
+                trust_remote_code=trust_remote_code, dtype=dtype, batch_size=batch_size,
+                progress=progress, max_shard_size=max_shard_size, data_dir=data_dir)
+            return PruneRun(report=report, out_dir=out, model=streamed.model,
+                            tokenizer=tokenizer, seconds=time.perf_counter() - start)
+        if streaming:
+            raise InvalidArgument(f"cannot stream this run: {reason}")
+        logger.info("loading the whole model (not streaming: %s)", reason)
+    if resume:
+        raise InvalidArgument(f"--resume continues a streaming run, and this one loads the whole "
+                              f"model ({reason})")
     loaded = load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                         dtype=dtype)
     evaluate = list(evaluate)
@@ -276,6 +304,7 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
     report = oneshot(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer,
                      device=device, batch_size=batch_size, progress=progress, data_dir=data_dir)
     report.model = loaded.source
+    report.path = f"in-memory ({reason})"
     after = measure()
     report.perplexity = {name: {"before": before[name].perplexity,
                                 "after": after[name].perplexity,

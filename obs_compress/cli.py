@@ -44,7 +44,9 @@ _PRUNE_EPILOG = textwrap.dedent("""\
     only: no forward, no loss).
 
     The output is written to a hidden temporary folder beside --out and renamed at the end:
-    an interrupted run leaves no --out. The source folder is never modified.
+    an interrupted run leaves no --out. The source folder is never modified. A local folder
+    of safetensors is streamed (one block in memory at a time) into .<out>.in-progress,
+    which records its progress after every block: --resume continues a killed run there.
     """)
 
 
@@ -116,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval-windows", type=int, metavar="N",
                        help="with --eval: score the first N windows of 1024 tokens (default: "
                             "the protocol's 40 of WikiText-2, 20 of C4, every window of a file)")
+    prune.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run of --out from its last finished "
+                            "block (same model, recipe, calibration and settings)")
+    prune.add_argument("--in-memory", action="store_true",
+                       help="load the whole model instead of streaming a safetensors folder "
+                            "one block at a time (the default)")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("--report", metavar="FILE",
                        help="also write the report JSON here (it is always in --out)")
@@ -190,7 +198,9 @@ def _run_prune(args: argparse.Namespace) -> int:
                                dtype=None if args.dtype == "auto" else args.dtype,
                                batch_size=args.batch_size, progress=not args.no_progress,
                                max_shard_size=args.max_shard_size, data_dir=args.data_dir,
-                               evaluate=args.evaluate, eval_windows=args.eval_windows)
+                               evaluate=args.evaluate, eval_windows=args.eval_windows,
+                               streaming=False if args.in_memory else None,
+                               resume=args.resume)
     print(run.report.table())
     print(f"wrote {run.out_dir} in {run.seconds:.1f} s")
     if args.report:

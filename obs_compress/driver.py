@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ from .recipe import PruneSettings
 from .report import BlockResult, LayerStats, PruneReport, summarize
 
 logger = logging.getLogger(__name__)
+
+BlockLoader = Callable[[BlockPlan], None]
 
 
 def reconstruction_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -315,22 +317,36 @@ def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(input_ids.split(batch_size))
 
 
-def _prune_blocks_without_data(plan: PrunePlan) -> Iterator[tuple[BlockPlan, list[LayerStats]]]:
+def _prune_blocks_without_data(plan: PrunePlan, *, block_loader: BlockLoader | None,
+                               start_block: int) -> Iterator[tuple[BlockPlan, list[LayerStats],
+                                                                   None]]:
     """Magnitude pruning from the weights alone: no capture, no forward, no device moves."""
-    for block_plan in plan.blocks:
+    for block_plan in plan.blocks[start_block:]:
+        if block_loader is not None:
+            block_loader(block_plan)
         yield block_plan, [stats for layer_plan in block_plan.layers
                            for stats in _prune_layers([layer_plan], None, None, {},
-                                                      block_plan.index)]
+                                                      block_plan.index)], None
 
 
 def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence[torch.Tensor], *,
                             expected_tokens: int, device: torch.device | None,
-                            sequential: bool) -> Iterator[tuple[BlockPlan, list[LayerStats]]]:
+                            sequential: bool, block_loader: BlockLoader | None,
+                            start_block: int, start_inputs: Sequence[torch.Tensor] | None,
+                            ) -> Iterator[tuple[BlockPlan, list[LayerStats], list[torch.Tensor]]]:
     order_cache: dict = {}
     calls = capture_block_inputs(model, plan.stack, batches, device=device)
+    if start_inputs is not None:  # a resumed run: the inputs block ``start_block`` received
+        if len(start_inputs) != len(calls):
+            raise InvalidArgument(f"{len(start_inputs)} stored input batches for block "
+                                  f"{start_block}, but the calibration has {len(calls)}")
+        for call, hidden in zip(calls, start_inputs):
+            call.hidden_states = hidden.to(call.hidden_states.device)
     if plan.recipe.block_sparsity.method == "owl":
         plan = owl_plan(plan, calls, device)
-    for block_plan in plan.blocks:
+    for block_plan in plan.blocks[start_block:]:
+        if block_loader is not None:
+            block_loader(block_plan)
         with on_device(block_plan.module, device) as block:
             stats = (_prune_block_layers(block, block_plan, calls, sequential=sequential,
                                          expected_tokens=expected_tokens, device=device,
@@ -339,12 +355,14 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
             for call in calls:
                 call.hidden_states = call(block)
                 _check_finite_outputs(call.hidden_states, block_plan.name, stats)
-        yield block_plan, stats
+        yield block_plan, stats, [call.hidden_states for call in calls]
 
 
 def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | None, *,
                  device: torch.device | str | None = None, batch_size: int = 8,
-                 sequential: bool | None = None, progress: bool = True) -> Iterator[BlockResult]:
+                 sequential: bool | None = None, progress: bool = True,
+                 block_loader: BlockLoader | None = None, start_block: int = 0,
+                 start_inputs: Sequence[torch.Tensor] | None = None) -> Iterator[BlockResult]:
     """Prune ``model`` in place, block by block, yielding each :class:`BlockResult` when done.
 
     ``input_ids: (n_samples, seq_len)`` calibration tokens, or None to prune from the
@@ -353,6 +371,11 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
     being worked on is moved there. ``sequential``: None takes the recipe's. The model is in
     eval mode meanwhile and gets its training flag back at the end; every hook is removed,
     even on error.
+
+    ``block_loader(block_plan)`` runs before each block is worked on (streaming: its weights
+    are read from disk then). ``start_block``/``start_inputs``: a resumed run starts at that
+    block, with the hidden states it received (one tensor per batch; None without data).
+    Each result carries the hidden states the block produced (``outputs``).
     """
     sequential = plan.recipe.sequential if sequential is None else sequential
     device = torch.device(device) if device is not None else None
@@ -365,18 +388,24 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
         batches = _batches(input_ids, batch_size)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(plan.blocks), desc="pruning", unit="block", disable=not progress)
+    bar = tqdm(total=len(plan.blocks), initial=start_block, desc="pruning", unit="block",
+               disable=not progress)
     try:
         with torch.no_grad():
-            blocks = (_prune_blocks_without_data(plan) if input_ids is None else
+            blocks = (_prune_blocks_without_data(plan, block_loader=block_loader,
+                                                 start_block=start_block)
+                      if input_ids is None else
                       _prune_blocks_with_data(model, plan, batches,
                                               expected_tokens=input_ids.numel(), device=device,
-                                              sequential=sequential))
+                                              sequential=sequential, block_loader=block_loader,
+                                              start_block=start_block,
+                                              start_inputs=start_inputs))
             start = time.perf_counter()
-            for block_plan, stats in blocks:
+            for block_plan, stats, outputs in blocks:
                 seconds = time.perf_counter() - start
                 result = BlockResult(index=block_plan.index, name=block_plan.name,
-                                     module=block_plan.module, layers=stats, seconds=seconds)
+                                     module=block_plan.module, layers=stats, seconds=seconds,
+                                     outputs=outputs)
                 logger.info("%s", result.describe(len(plan.blocks)))
                 bar.update(1)
                 predicted = [s.predicted_loss for s in stats if s.predicted_loss is not None]

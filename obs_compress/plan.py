@@ -75,7 +75,9 @@ def build_plan(model: nn.Module, recipe: Recipe | Any) -> PrunePlan:
     for _, layer in chosen:
         # Before any forward: a broken weight would otherwise surface as non-finite inputs
         # of a later layer, which would be named instead.
-        if not torch.isfinite(layer.weight_matrix()).all():
+        # (A streaming run's weights are still on disk: checked as each block is read.)
+        weight = layer.weight_matrix()
+        if weight.device.type != "meta" and not torch.isfinite(weight).all():
             raise NonFiniteError(f"layer {layer.name}: the weight holds NaN or infinity; the "
                                  "checkpoint is broken, refusing to prune it")
     for index, block in enumerate(stack.modules):

@@ -71,6 +71,9 @@ class BlockResult:
     module: nn.Module
     layers: list[LayerStats]
     seconds: float  # since the previous block was yielded (block 0: capture and OWL included)
+    # The hidden states the block produced, one tensor per batch (the next block's inputs);
+    # None without calibration data. Not part of the report.
+    outputs: list | None = field(default=None, repr=False)
 
     def describe(self, n_blocks: int) -> str:
         """One log line: the block, its sparsity and losses, its time."""
@@ -101,6 +104,10 @@ class PruneReport:
     # Perplexity before and after pruning, per evaluation set (prune --eval):
     # {"wikitext2": {"before": 24.1, "after": 44.7, "n_tokens": 40920}}
     perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
+    # How the weights were read: "in-memory" (the whole model loaded) or "streaming" (one
+    # block at a time from the safetensors files), and why when not the default.
+    path: str = "in-memory"
+    resumed_at_block: int | None = None  # a resumed run: the first block it pruned itself
 
     @property
     def pruned(self) -> int:
@@ -128,6 +135,8 @@ class PruneReport:
             "seconds": self.seconds,
             "recipe": self.recipe,
             "perplexity": self.perplexity,
+            "path": self.path,
+            "resumed_at_block": self.resumed_at_block,
             "dampening_raised": [s.name for s in self.raised_dampening],
             "loss_units": LOSS_UNITS,
             "layers": [s.to_dict() for s in self.layers],
@@ -157,7 +166,7 @@ class PruneReport:
         lines.append("-" * len(header))
         lines.append(f"{len(self.layers)} layers in {self.n_blocks} blocks: global sparsity "
                      f"{self.global_sparsity:.4f} ({self.pruned:,} of {self.total:,} weights), "
-                     f"{self.seconds:.1f} s")
+                     f"{self.seconds:.1f} s ({self.path})")
         raised = self.raised_dampening
         if raised:
             count = f"{len(raised)} layer{'s' if len(raised) != 1 else ''}"

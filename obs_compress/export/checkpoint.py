@@ -136,6 +136,21 @@ def apply_umask_permissions(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def commit_folder(partial: Path, out: Path, *, overwrite: bool = False,
+                  source: str | os.PathLike | None = None) -> None:
+    """Make the complete folder ``partial`` the output ``out``, by a rename."""
+    apply_umask_permissions(partial)
+    # Checked again: something may have appeared in ``out`` during a long run.
+    check_output_dir(out, overwrite=overwrite, source=source)
+    if out.exists():
+        aside = out.parent / f".{out.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        out.rename(aside)
+        partial.rename(out)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        partial.rename(out)
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
                       source: str | os.PathLike | None = None) -> Iterator[Path]:
@@ -149,16 +164,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     committed = False
     try:
         yield partial
-        apply_umask_permissions(partial)
-        # Checked again: something may have appeared in ``out`` during a long run.
-        check_output_dir(out, overwrite=overwrite, source=source)
-        if out.exists():
-            aside = out.parent / f".{out.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            out.rename(aside)
-            partial.rename(out)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            partial.rename(out)
+        commit_folder(partial, out, overwrite=overwrite, source=source)
         committed = True
     finally:
         if not committed:
@@ -305,8 +311,17 @@ def write_folder_contents(folder: Path, model: nn.Module, *, tokenizer: Any = No
     """Write weights, config, the source's other files, recipe and report into ``folder``
     (no atomicity)."""
     with _as_plain_weights(model):
-        write_model_config(folder, model)
         write_state_dict(folder, model, check_shard_size(max_shard_size))
+        write_side_files(folder, model, tokenizer=tokenizer, source=source, recipe=recipe,
+                         report=report)
+
+
+def write_side_files(folder: Path, model: nn.Module, *, tokenizer: Any = None,
+                     source: str | os.PathLike | None = None, recipe: Any = None,
+                     report: Any = None) -> None:
+    """Everything but the weights: config (with the ``sparsity`` section), generation
+    config, the source's other files, the tokenizer, recipe and report."""
+    write_model_config(folder, model)
     config_path = folder / CONFIG_NAME
     data = json.loads(config_path.read_text(encoding="utf-8"))
     data[SPARSITY_KEY] = sparsity_section(model, recipe=recipe, report=report)
@@ -370,6 +385,6 @@ def read_sparsity_section(folder: str | os.PathLike) -> Mapping[str, Any] | None
 
 
 __all__ = ["RECIPE_NAME", "REPORT_NAME", "apply_umask_permissions", "atomic_output_dir",
-           "carry_over_source_files", "check_output_dir", "check_shard_size", "load_pretrained",
+           "carry_over_source_files", "check_output_dir", "commit_folder", "write_side_files", "check_shard_size", "load_pretrained",
            "read_sparsity_section", "remove_stale_partials", "save_pretrained",
            "sparsity_section", "write_folder_contents"]

@@ -186,6 +186,11 @@ def checkpoint_layout(model: nn.Module, max_shard_size: int) -> CheckpointLayout
                 f"{type(model).__name__} stores {stored} combined from several tensors of the "
                 "model (a transformers weight conversion); such models are not supported yet")
         sources[stored] = source
+    # In the model's state-dict order whatever order the reverting returned (it sorts by
+    # name for a model loaded by from_pretrained, not for one built from its config): blocks
+    # in order, so a streaming run completes its shards one after another.
+    position = {name: index for index, name in enumerate(kept)}
+    sources = dict(sorted(sources.items(), key=lambda item: position[item[1]]))
     shapes = {stored: (kept[source].dtype, tuple(kept[source].shape))
               for stored, source in sources.items()}
     sized = {stored: torch.empty(shape, dtype=dtype, device="meta")

@@ -1,0 +1,197 @@
+"""The streaming prune: a checkpoint folder pruned one block at a time, resumable.
+
+The default of :func:`obs_compress.api.prune_checkpoint` for a local folder of safetensors.
+The model is built on the meta device (:mod:`obs_compress.model.streaming`); the one layer
+loop (:func:`obs_compress.driver.prune_blocks`) reads each block's weights from disk just
+before it works on it; each pruned block goes to the one writer
+(:class:`obs_compress.export.shards.ShardWriter`) and its memory is freed. Peak memory is
+one block, the tensors outside the blocks (embeddings, head) and the calibration
+activations. The files equal the in-memory path's byte for byte.
+
+After every block, the in-progress folder's manifest (:mod:`obs_compress.export.progress`)
+records what is written and stores the hidden states entering the next block
+(``inputs-<block>.safetensors``: ``n_samples x seq_len x hidden`` in the model's dtype), so
+``resume=True`` continues at the first unfinished block without re-running the earlier
+ones; the block-0 capture (embeddings only) is run again for the other block arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .driver import prune_blocks
+from .export.checkpoint import (_tool_version, check_output_dir, check_shard_size,
+                                commit_folder, write_side_files)
+from .export.progress import MANIFEST_NAME, open_progress, write_manifest
+from .export.shards import STAGING_DIR, ShardWriter, checkpoint_layout, write_safetensors
+from .model.loading import _check_local_folder, _model_class
+from .model.streaming import StreamingModel, open_streaming_model
+from .plan import build_plan
+from .report import LayerStats, PruneReport
+
+logger = logging.getLogger(__name__)
+
+INPUTS_PATTERN = "inputs-{:05d}.safetensors"
+
+
+def streaming_refusal(folder: Path | None, recipe: Any, calibration: Any,
+                      evaluate: Any) -> str | None:
+    """Why this run cannot stream (it then loads the whole model), or None when it can."""
+    if folder is None:
+        return "the model is not a local folder"
+    if not any(folder.glob("*.safetensors")):
+        return "the folder holds no safetensors files"
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.get("quantization_config"):
+        return "the checkpoint is quantized"
+    if recipe.block_sparsity.method == "owl":
+        return "block_sparsity owl runs a dense pass over every block first"
+    if getattr(calibration, "source", None) == "self":
+        return "--dataset self generates text with the whole model"
+    if evaluate:
+        return "--eval measures perplexity with the whole model"
+    return None
+
+
+def model_identity(folder: Path) -> dict[str, Any]:
+    """The source checkpoint, cheaply: config.json's sha256 and each safetensors file's
+    size and header sha256 (the header names every tensor with its dtype, shape, offsets)."""
+    files = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            length = struct.unpack("<Q", handle.read(8))[0]
+            header = handle.read(length)
+        files[path.name] = f"{path.stat().st_size} {hashlib.sha256(header).hexdigest()}"
+    config = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+    return {"config.json": config, **files}
+
+
+def _save_inputs(folder: Path, block: int, outputs: list[torch.Tensor]) -> dict[str, str]:
+    name = INPUTS_PATTERN.format(block)
+    tensors = {f"batch.{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(outputs)}
+    digest = write_safetensors(folder / name, {k: (v.dtype, tuple(v.shape))
+                                               for k, v in tensors.items()},
+                               tensors.__getitem__, metadata=None)
+    return {"file": name, "sha256": digest}
+
+
+def _load_inputs(folder: Path, record: dict[str, str]) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / record["file"]))
+    return [tensors[f"batch.{i}"] for i in range(len(tensors))]
+
+
+def _layer_stats(data: dict[str, Any]) -> LayerStats:
+    """A recorded :class:`LayerStats` back (``dampening_raised`` is derived, not stored)."""
+    fields = {key: value for key, value in data.items() if key != "dampening_raised"}
+    return LayerStats(**{**fields, "shape": tuple(fields["shape"])})
+
+
+def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, calibration: Any,
+                    device: torch.device | None, overwrite: bool, resume: bool,
+                    trust_remote_code: bool, dtype: Any, batch_size: int, progress: bool,
+                    max_shard_size: int | str, data_dir: Any) -> tuple[PruneReport, Path,
+                                                                      StreamingModel, Any]:
+    """Prune the checkpoint in ``folder`` block by block into ``out_dir`` (see the module
+    docstring). Returns the report, the output folder, the (meta) model and tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .api import _check_vocabulary
+
+    start = time.perf_counter()
+    out = check_output_dir(out_dir, overwrite=overwrite, source=folder)
+    shard_bytes = check_shard_size(max_shard_size)
+    _check_local_folder(folder, allow_pickle=False)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    streaming = open_streaming_model(folder, _model_class(config, trust_remote_code), config,
+                                     dtype=dtype)
+    model = streaming.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder),
+                                                  trust_remote_code=trust_remote_code)
+    except Exception as exc:  # a model without tokenizer files still prunes from ids
+        logger.warning("no tokenizer loaded for %s (%s: %s)", folder, type(exc).__name__, exc)
+        tokenizer = None
+    plan = build_plan(model, recipe)
+    input_ids = None
+    if not calibration.is_none:
+        input_ids = calibration.input_ids(tokenizer=tokenizer, model=None, data_dir=data_dir)
+        _check_vocabulary(model, input_ids)
+    layout = checkpoint_layout(model, shard_bytes)
+    n_blocks = len(plan.blocks)
+    identity = {
+        "tool": _tool_version(), "model": model_identity(folder), "recipe": recipe.to_dict(),
+        "calibration": (hashlib.sha256(input_ids.numpy().tobytes()).hexdigest() + " "
+                        + "x".join(map(str, input_ids.shape))) if input_ids is not None else None,
+        "settings": {"dtype": str(next(p.dtype for p in model.parameters())),
+                     "batch_size": batch_size, "max_shard_size": shard_bytes,
+                     "device": device.type if device is not None else "cpu"},
+    }
+    work, record = open_progress(out, identity, n_blocks, resume=resume, overwrite=overwrite)
+    writer = ShardWriter(work, layout)
+    writer.restore(record.staged, record.shards)
+    resumed_at = record.blocks_done if record.blocks_done else None
+    if record.blocks_done == 0 and not record.shards and not record.staged:
+        writer.add(streaming.outside_state(), label="outside")
+        record.shards, record.staged = dict(writer.written), dict(writer.staged)
+        write_manifest(work, record)
+    start_inputs = _load_inputs(work, record.inputs) if record.inputs is not None else None
+    if record.blocks_done and input_ids is not None and start_inputs is None:
+        raise RuntimeError("progress record without stored inputs")  # written together
+
+    def load_block(block_plan) -> None:
+        streaming.load_block_(block_plan.index, [p.layer.name for p in block_plan.layers])
+
+    seconds_before = record.seconds
+    run_start = time.perf_counter()
+    layers = [_layer_stats(data) for data in record.layers]
+    for result in prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
+                               progress=progress, block_loader=load_block,
+                               start_block=record.blocks_done, start_inputs=start_inputs):
+        consumed = writer.add(streaming.block_state(result.index),
+                              label=f"block-{result.index:05d}")
+        streaming.release_block_(result.index)
+        old_inputs = record.inputs
+        if result.outputs is not None and result.index + 1 < n_blocks:
+            record.inputs = _save_inputs(work, result.index + 1, result.outputs)
+        result.outputs = None
+        layers.extend(result.layers)
+        record.blocks_done = result.index + 1
+        record.shards, record.staged = dict(writer.written), dict(writer.staged)
+        record.layers = [s.to_dict() for s in layers]
+        record.seconds = seconds_before + time.perf_counter() - run_start
+        write_manifest(work, record)
+        for part in consumed:  # only once the record no longer names them
+            (work / part).unlink(missing_ok=True)
+        if old_inputs is not None and old_inputs != record.inputs:
+            (work / old_inputs["file"]).unlink(missing_ok=True)
+    writer.finish()
+    n_samples, seq_len = input_ids.shape if input_ids is not None else (0, 0)
+    report = PruneReport(layers=layers, n_blocks=n_blocks, n_samples=n_samples, seq_len=seq_len,
+                         seconds=seconds_before + time.perf_counter() - run_start,
+                         recipe=recipe.to_dict(), model=str(folder), path="streaming",
+                         resumed_at_block=resumed_at)
+    write_side_files(work, model, tokenizer=tokenizer, source=folder, recipe=recipe,
+                     report=report)
+    if record.inputs is not None:
+        (work / record.inputs["file"]).unlink(missing_ok=True)
+    shutil.rmtree(work / STAGING_DIR, ignore_errors=True)
+    (work / MANIFEST_NAME).unlink()
+    commit_folder(work, out, overwrite=overwrite, source=folder)
+    streaming.close()
+    logger.info("wrote %s (streaming, %.1f s)", out, time.perf_counter() - start)
+    return report, out, streaming, tokenizer
+
+
+__all__ = ["model_identity", "prune_streaming", "streaming_refusal"]
