@@ -2,7 +2,7 @@
 
 The only module that reads ``argv`` or configures logging. Errors of obs_compress print one
 line (``error: ...``) and exit with status 2; Ctrl-C or SIGTERM exits with 130 and leaves no
-output folder.
+output folder (a streaming run leaves its resumable ``.<out>.in-progress`` beside it).
 """
 
 from __future__ import annotations
@@ -286,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print("interrupted: no --out was written (a streaming run keeps its finished blocks "
+              "in .<out>.in-progress beside it: run again with --resume to continue)",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
