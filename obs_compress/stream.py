@@ -164,7 +164,12 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
         streaming.release_block_(result.index)
         old_inputs = record.inputs
         if result.outputs is not None and result.index + 1 < n_blocks:
+            stored = time.perf_counter()
             record.inputs = _save_inputs(work, result.index + 1, result.outputs)
+            logger.info("stored the inputs of block %d (%.1f MB) in %.2f s, for a resume",
+                        result.index + 1, sum(t.numel() * t.element_size()
+                                              for t in result.outputs) / 1e6,
+                        time.perf_counter() - stored)
         result.outputs = None
         layers.extend(result.layers)
         record.blocks_done = result.index + 1

@@ -11,6 +11,8 @@ Presets (``LlamaConfig`` fields; untied embeddings, vocabulary 32,000):
 * ``1b``: the Llama-3.2-1B body (hidden 2048, intermediate 8192, 16 layers, 32 heads,
   8 key/value heads) with a 32,000-word vocabulary: 1,104,218,112 parameters, of which
   973,078,528 in the 112 prunable Linear layers (16 blocks x q, k, v, o, gate, up, down).
+* ``1.5b``: the same body with 24 layers: 1,590,790,144 parameters (6.4 GB in fp32), the
+  size ``tools/bench_streaming.py`` compares the streaming and in-memory paths on.
 * ``tiny``: hidden 64, intermediate 128, 2 layers, 4 heads, 2 key/value heads, 512 words:
   for a CPU dry run in seconds.
 
@@ -42,6 +44,8 @@ import torch
 PRESETS = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "1.5b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
 }
