@@ -120,6 +120,22 @@ def write_safetensors(path: Path, shapes: Mapping[str, tuple[torch.dtype, tuple[
     return digest.hexdigest()
 
 
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read into its own memory (no mapping: the pages of
+    a memory-mapped file stay in the resident set while it is open, which while a shard is
+    assembled from its staging files would be the whole shard)."""
+    with path.open("rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        entry = json.loads(handle.read(length))[name]
+        start, end = entry["data_offsets"]
+        handle.seek(8 + length + start)
+        data = bytearray(handle.read(end - start))
+    dtype = next(d for d, code in _DTYPE_NAMES.items() if code == entry["dtype"])
+    if not data:
+        return torch.empty(entry["shape"], dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -263,17 +279,10 @@ class ShardWriter:
 
     def _write_shard(self, file: str, ready: Mapping[str, torch.Tensor],
                      staged: Mapping[str, str]) -> None:
-        from safetensors import safe_open
-
-        handles: dict = {}
-
         def fetch(name: str) -> torch.Tensor:
             if name in ready:
                 return ready[name]
-            part = staged[name]
-            if part not in handles:
-                handles[part] = safe_open(str(self.folder / part), framework="pt")
-            return handles[part].get_tensor(name)
+            return read_tensor(self.folder / staged[name], name)
 
         shapes = {name: self.layout.shapes[name] for name in self.layout.files[file]}
         self.written[file] = write_safetensors(self.folder / file, shapes, fetch)
@@ -324,5 +333,5 @@ def write_model_config(folder: Path, model: nn.Module) -> None:
 
 
 __all__ = ["CheckpointLayout", "INDEX_NAME", "ShardWriter", "WEIGHTS_NAME", "checkpoint_layout",
-           "file_sha256", "tensor_bytes", "tensors_for_file", "write_model_config",
+           "file_sha256", "read_tensor", "tensor_bytes", "tensors_for_file", "write_model_config",
            "write_safetensors", "write_state_dict"]

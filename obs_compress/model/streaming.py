@@ -127,6 +127,14 @@ class StreamingModel:
         return [g for g in self.groups if g[0][0].startswith(prefix + ".")]
 
     def _load_(self, groups: list[tuple[list[str], str | None]]) -> None:
+        try:
+            self._load_from_files_(groups)
+        finally:
+            # Unmapped after each block: the pages read would otherwise stay in the
+            # process's resident set until the end, the whole model's worth.
+            self.close()
+
+    def _load_from_files_(self, groups: list[tuple[list[str], str | None]]) -> None:
         for names, file_name in groups:
             if file_name is None:
                 continue
