@@ -17,10 +17,12 @@ the number of tokens in the call:
 How "faster" is decided, and written in the returned :class:`SparseInferenceReport`:
 
 * CPU, by a rule: CSR for decode when the layer's density (kept / all) is at most
-  :data:`CPU_CSR_MAX_DENSITY` and its dtype is fp32 or fp64. A timing probe at swap time would
-  measure one layer with its weight in the cache, where the dense GEMV wins; in a model whose
-  weights exceed the cache CSR wins down to that density (``docs/benchmarks.md`` has the
-  measurement behind the constant).
+  :data:`CPU_CSR_MAX_DENSITY`, its dtype is fp32 or fp64, and the block stack's prunable
+  weights hold at least :data:`CPU_CSR_MIN_STACK_BYTES` (so that each token streams them from
+  memory instead of the cache). A timing probe at swap time would measure one layer with its
+  weight in the cache, where the dense GEMV wins; in a model whose weights exceed the cache
+  CSR wins down to that density (``docs/benchmarks.md`` has the measurements behind the
+  constants).
 * CUDA, by a probe: dense against the sparse path timed with CUDA events on the layer's own
   weight at 1 and ``decode_max_tokens`` tokens (decode) and at :data:`PROBE_PREFILL_TOKENS`
   (2:4 prefill), once per distinct (shape, dtype, density to 0.01, 2:4) and reused.
@@ -54,6 +56,10 @@ POLICIES = ("auto", "always")
 # density 0.5, and measured to win there on a model larger than the cache (docs/benchmarks.md);
 # at density 0.6 it measured even with dense, so the rule stops at 0.5.
 CPU_CSR_MAX_DENSITY = 0.5
+# Below this the block weights of a model stay in a server CPU's last-level cache between tokens
+# (tens of MB) and the dense GEMV, reading cached bytes, beats CSR's indexing (a 0.3 MB model
+# measured 0.77x with CSR); SmolLM2-135M's 425 MB stream from memory.
+CPU_CSR_MIN_STACK_BYTES = 64 * 2**20
 CPU_CSR_DTYPES = (torch.float32, torch.float64)  # MKL's sparse routines; others fall back slow
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 PROBE_PREFILL_TOKENS = 512
@@ -208,9 +214,12 @@ class _Choice:
     reason: str
 
 
-def _choose_cpu(weight: torch.Tensor, density: float, policy: str) -> _Choice:
+def _choose_cpu(weight: torch.Tensor, density: float, policy: str, stack_bytes: int) -> _Choice:
     if policy == "always":
         return _Choice("csr", False, "policy always")
+    if stack_bytes < CPU_CSR_MIN_STACK_BYTES:
+        return _Choice("dense", False, f"rule: block weights {stack_bytes / 2**20:.1f} MiB < "
+                                       f"{CPU_CSR_MIN_STACK_BYTES // 2**20} MiB stay in cache")
     if weight.dtype not in CPU_CSR_DTYPES:
         return _Choice("dense", False, f"rule: CSR on CPU is measured for fp32/fp64 only, "
                                        f"not {weight.dtype}")
@@ -269,6 +278,9 @@ def sparse_inference(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | No
         raise InvalidArgument(f"policy must be one of {POLICIES}, got {policy!r}")
     if not isinstance(decode_max_tokens, int) or decode_max_tokens < 1:
         raise InvalidArgument(f"decode_max_tokens must be an integer >= 1, got {decode_max_tokens!r}")
+    if any(isinstance(module, SparseLinear) for module in model.modules()):
+        raise InvalidArgument("this model already runs sparse inference (it holds SparseLinear "
+                              "layers): call sparse_inference once, on the dense masked model")
     stack = find_block_stack(model)
     layers = [layer for index, block in enumerate(stack.modules)
               for layer in find_layers(block, stack.block_name(index))]
@@ -280,6 +292,8 @@ def sparse_inference(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | No
     device = {layer.module.weight.device.type for layer in layers}
     report = SparseInferenceReport(device="/".join(sorted(device)) or "none", policy=policy,
                                    decode_max_tokens=decode_max_tokens)
+    stack_bytes = sum(layer.module.weight.numel() * layer.module.weight.element_size()
+                      for layer in layers)
     choices: dict[tuple, _Choice] = {}  # one CUDA probe per distinct kind of layer
     for layer in layers:
         weight = layer.module.weight.detach()
@@ -312,7 +326,7 @@ def sparse_inference(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | No
                 choices[key] = _choose_cuda(weight, kept, policy, decode_max_tokens)
             choice = choices[key]
         else:
-            choice = _choose_cpu(weight, density, policy)
+            choice = _choose_cpu(weight, density, policy, stack_bytes)
         if choice.decode == "dense" and not choice.semi_structured:
             report.layers.append(LayerPath(layer.name, shape, density, "dense", "dense",
                                            choice.reason, dense_bytes, dense_bytes))

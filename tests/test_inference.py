@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from obs_compress import InvalidArgument, sparse_inference
+from obs_compress import inference
 from obs_compress.inference import CPU_CSR_MAX_DENSITY, SparseLinear
 from obs_compress.model.blocks import find_block_stack, find_layers
 from obs_compress_kernels import bitmask_weight
@@ -55,10 +56,9 @@ def test_llama_at_70_percent_runs_csr_and_equals_the_dense_masked_model():
     dense = tiny_model("llama")
     _prune_(dense, 0.7)
     sparse = copy.deepcopy(dense)
-    report = sparse_inference(sparse)
+    report = sparse_inference(sparse, policy="always")  # auto keeps a model this small dense
     assert len(report.layers) == 14 and len(report.swapped) == 14
     assert {(layer.decode, layer.prefill) for layer in report.layers} == {("csr", "densified")}
-    assert all("rule: density" in layer.reason for layer in report.layers)
     assert all(layer.weight_bytes < 0.7 * layer.dense_bytes for layer in report.layers)
     assert isinstance(sparse.model.layers[1].mlp.down_proj, SparseLinear)
     assert not any(isinstance(m, nn.Linear) for m in sparse.model.layers.modules())
@@ -72,10 +72,14 @@ def test_llama_at_70_percent_runs_csr_and_equals_the_dense_masked_model():
     assert "model.layers.1.mlp.down_proj" in table and "14 of 14 layers swapped" in table
 
 
-def test_rule_keeps_dense_above_the_density_limit_and_always_overrides_it():
+def test_rule_keeps_dense_above_the_density_limit_and_always_overrides_it(monkeypatch):
     model = tiny_model("llama")
     _prune_(model, 0.3)  # density ~0.7 > CPU_CSR_MAX_DENSITY
     before = {layer.name: layer.module for layer in _block_layers(model)}
+    report = sparse_inference(model)  # a 0.1 MiB stack: cache-resident
+    assert not report.swapped
+    assert all("MiB < 64 MiB stay in cache" in layer.reason for layer in report.layers)
+    monkeypatch.setattr(inference, "CPU_CSR_MIN_STACK_BYTES", 0)  # as if the model were large
     report = sparse_inference(model)
     assert not report.swapped
     assert all(f"> {CPU_CSR_MAX_DENSITY}" in layer.reason for layer in report.layers)
@@ -97,12 +101,14 @@ def test_unpruned_layers_and_conv1d_are_reported_and_left_alone():
     assert all("Conv1D" in layer.reason for layer in report.layers)
 
 
-def test_bert_with_biases_and_explicit_masks():
+def test_bert_with_biases_and_explicit_masks(monkeypatch):
     dense = tiny_model("bert")
     masks = _prune_(dense, 0.6)
     sparse = copy.deepcopy(dense)
+    monkeypatch.setattr(inference, "CPU_CSR_MIN_STACK_BYTES", 0)
     report = sparse_inference(sparse, masks=masks)
     assert len(report.swapped) == len(report.layers) == 12
+    assert all("rule: density" in layer.reason and "<= 0.5" in layer.reason for layer in report.layers)
     # The stored entries are the masks' True entries, zeros among them included.
     query = sparse.encoder.layer[0].attention.self.query
     assert query.decode_weight.values().numel() == int(masks["encoder.layer.0.attention.self.query"].sum())
@@ -143,7 +149,9 @@ def test_bad_arguments_are_refused_with_the_field_named():
     wrong[masks[name]] = False  # claims every kept weight is pruned
     with pytest.raises(InvalidArgument, match="nonzero entries where"):
         sparse_inference(model, masks={name: wrong})
-    sparse_inference(model)
+    sparse_inference(model, policy="always")
+    with pytest.raises(InvalidArgument, match="already runs sparse inference"):
+        sparse_inference(model)
     with pytest.raises(InvalidArgument, match="cast the model and its inputs to one dtype"):
         model.model.layers[0].mlp.up_proj(torch.zeros(1, 64, dtype=torch.float64))
 
