@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from obs_compress_kernels import (BitmaskWeight, bitmask_matmul, bitmask_weight, csr_matmul,
-                                  csr_nbytes, csr_weight, dense_weight)
+                                  csr_nbytes, csr_to_dense, csr_weight, dense_weight)
 
 from .errors import InvalidArgument
 from .export.inspection import nm_holds
@@ -147,7 +147,7 @@ class SparseLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` dense weight (a new tensor for sparse layouts)."""
         if self.decode == "csr":
-            return self.decode_weight.to_dense()
+            return csr_to_dense(self.decode_weight)
         if self.decode == "bitmask":
             return dense_weight(self.decode_weight)
         return self.decode_weight

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from obs_compress_kernels import (TILE_COLS, bitmask_matmul, bitmask_matmul_torch, bitmask_weight,
-                                  csr_matmul, csr_weight, dense_weight)
+                                  csr_matmul, csr_to_dense, csr_weight, dense_weight)
 
 from _triton_device import needs_triton_device, on_triton_device
 
@@ -83,6 +83,8 @@ def test_csr_matmul_equals_dense(rows, cols, tokens, sparsity):
     assert csr.values().numel() == int(kept.sum())
     torch.testing.assert_close(csr_matmul(x, csr).double(), _reference(x, weight),
                                **TOLERANCE[torch.float32])
+    # torch.where, not the product: the product's -0.0 entries come back as +0.0
+    assert csr_to_dense(csr).numpy().tobytes() == torch.where(kept, weight, 0.0).numpy().tobytes()
 
 
 @needs_triton_device
