@@ -144,6 +144,11 @@ class SparseLinear(nn.Module):
         weight = self.decode_weight
         return weight.values.dtype if isinstance(weight, BitmaskWeight) else weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        weight = self.decode_weight
+        return weight.values.device if isinstance(weight, BitmaskWeight) else weight.device
+
     def dense_weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` dense weight (a new tensor for sparse layouts)."""
         if self.decode == "csr":
@@ -160,11 +165,14 @@ class SparseLinear(nn.Module):
         return F.linear(x, self.decode_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features or x.dtype != self.dtype:
+        if (x.shape[-1] != self.in_features or x.dtype != self.dtype
+                or x.device.type != self.device.type):
+            # The sparse storage is chosen for one device and dtype and is not moved by
+            # model.to(): the layout that is fastest on a CPU is not the one for a GPU.
             raise InvalidArgument(f"SparseLinear({self.out_features}x{self.in_features}, "
-                                  f"{self.dtype}) got input {x.dtype} of shape {tuple(x.shape)}: "
-                                  "cast the model and its inputs to one dtype before "
-                                  "sparse_inference")
+                                  f"{self.dtype} on {self.device}) got input {x.dtype} on "
+                                  f"{x.device} of shape {tuple(x.shape)}: move and cast the "
+                                  "model before sparse_inference, and feed it inputs to match")
         tokens = x.reshape(-1, self.in_features)
         if tokens.shape[0] <= self.decode_max_tokens:
             out = self._decode_product(tokens)

@@ -152,7 +152,7 @@ def test_bad_arguments_are_refused_with_the_field_named():
     sparse_inference(model, policy="always")
     with pytest.raises(InvalidArgument, match="already runs sparse inference"):
         sparse_inference(model)
-    with pytest.raises(InvalidArgument, match="cast the model and its inputs to one dtype"):
+    with pytest.raises(InvalidArgument, match="move and cast the model before sparse_inference"):
         model.model.layers[0].mlp.up_proj(torch.zeros(1, 64, dtype=torch.float64))
 
 

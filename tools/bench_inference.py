@@ -7,11 +7,12 @@ swapped by :func:`obs_compress.sparse_inference` (``--policy``, default ``auto``
 dense and sparse runs interleaved round by round (alternating which goes first, so a change
 in the machine's load hits both alike; best round of each):
 
-* decode: batch 1, a 16-token prompt, then ``--decode-steps`` one-token calls through the KV
-  cache, greedy; tokens per second of those calls, the whole model (embeddings, attention,
-  ``lm_head``) included;
+* decode: at each ``--decode-batches`` size (default 1 and 8), a 16-token prompt, then
+  ``--decode-steps`` one-token calls through the KV cache, greedy; tokens per second of those
+  calls (batch x steps / seconds), the whole model (embeddings, attention, ``lm_head``)
+  included;
 * prefill: one ``--prefill-tokens``-token forward, batch 1; tokens per second;
-* per layer kind (``self_attn.q_proj`` ...): one call at 1 token and at ``--prefill-tokens``
+* per layer kind (``self_attn.q_proj`` ...): one call at 1 and 8 tokens and at ``--prefill-tokens``
   on every block's layer of that kind in turn (so the weights are not cache-resident, as in
   the model), the time per layer;
 * memory: the bytes the model's weights hold (parameters + sparse storage); on CUDA also the
@@ -76,9 +77,10 @@ def load_model(args, device: torch.device, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def decode(model, device: torch.device, steps: int, vocab: int) -> float:
-    """Tokens per second of ``steps`` one-token calls after a prompt (batch 1, greedy)."""
-    prompt = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+def decode(model, device: torch.device, steps: int, vocab: int, batch: int = 1) -> float:
+    """Tokens per second of ``steps`` one-token calls of ``batch`` rows after a prompt (greedy)."""
+    prompt = torch.randint(0, vocab, (batch, PROMPT_TOKENS),
+                           generator=torch.Generator().manual_seed(0))
     out = model(prompt.to(device), use_cache=True)
 
     def steps_():
@@ -87,7 +89,7 @@ def decode(model, device: torch.device, steps: int, vocab: int) -> float:
             token = out.logits[:, -1:].argmax(-1)
             out = model(token, past_key_values=out.past_key_values, use_cache=True)
 
-    return steps / _seconds(steps_, device)
+    return batch * steps / _seconds(steps_, device)
 
 
 @torch.no_grad()
@@ -158,7 +160,8 @@ def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> dic
     report = sparse_inference(sparse, policy=args.policy)
     swap_s = time.perf_counter() - began
     print(report.table(), file=sys.stderr)
-    best = {key: 0.0 for key in ("dense_decode", "sparse_decode", "dense_prefill", "sparse_prefill")}
+    best = {f"{model}_{phase}": 0.0 for model in ("dense", "sparse")
+            for phase in [f"decode_b{batch}" for batch in args.decode_batches] + ["prefill"]}
     peaks: dict[str, float | None] = {}
     for model_name, model in (("dense", dense), ("sparse", sparse)):  # warm-up, and the peaks
         peaks[f"{model_name}_decode"] = _peak_extra_mb(
@@ -167,21 +170,23 @@ def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> dic
             lambda: prefill(model, device, args.prefill_tokens, vocab), device)
     for index in range(args.rounds):
         order = (("dense", dense), ("sparse", sparse))
-        for model_name, model in order if index % 2 == 0 else order[::-1]:
-            best[f"{model_name}_decode"] = max(best[f"{model_name}_decode"],
-                                               decode(model, device, args.decode_steps, vocab))
+        for batch in args.decode_batches:
+            for model_name, model in order if index % 2 == 0 else order[::-1]:
+                key = f"{model_name}_decode_b{batch}"
+                best[key] = max(best[key], decode(model, device, args.decode_steps, vocab, batch))
         for model_name, model in order if index % 2 == 0 else order[::-1]:
             if index < args.prefill_rounds:
                 best[f"{model_name}_prefill"] = max(
                     best[f"{model_name}_prefill"], prefill(model, device, args.prefill_tokens, vocab))
         print(f"[{name}] round {index + 1}/{args.rounds}: {best}", file=sys.stderr, flush=True)
-    layers = layer_times(dense, sparse, device, dtype, (1, args.prefill_tokens), args.layer_rounds)
+    layers = layer_times(dense, sparse, device, dtype, (1, 8, args.prefill_tokens), args.layer_rounds)
     paths: dict[str, int] = {}
     for layer in report.layers:
         key = f"{layer.decode}/{layer.prefill}"
         paths[key] = paths.get(key, 0) + 1
     result = {"config": name, **best,
-              "decode_ratio": best["sparse_decode"] / best["dense_decode"],
+              **{f"decode_b{batch}_ratio": best[f"sparse_decode_b{batch}"] / best[f"dense_decode_b{batch}"]
+                 for batch in args.decode_batches},
               "prefill_ratio": best["sparse_prefill"] / best["dense_prefill"],
               "dense_weight_mb": weight_mb(dense), "sparse_weight_mb": weight_mb(sparse, report),
               "peak_extra_mb": peaks, "paths": paths, "swap_s": swap_s, "layers": layers,
@@ -214,13 +219,14 @@ def markdown(meta: dict, results: list[dict], args) -> str:
              f"{args.dtype}, commit {meta['commit']}{' (dirty)' if meta['dirty'] else ''}; "
              f"model {meta['model']}; policy {args.policy}.",
              f"Load before: `{meta['uptime_before']}`; after: `{meta.get('uptime_after', '')}`.",
-             f"Decode: batch 1, {args.decode_steps} tokens after a {PROMPT_TOKENS}-token prompt, "
-             f"best of {args.rounds} interleaved rounds; prefill: {args.prefill_tokens} tokens, "
-             f"best of {args.prefill_rounds}.", "",
-             "| pruned | layers (decode/prefill path: count) | dense decode tok/s | sparse decode tok/s "
-             "| decode ratio | dense prefill tok/s | sparse prefill tok/s | prefill ratio "
-             "| weights MB dense | weights MB sparse | peak extra MB decode d/s | peak extra MB prefill d/s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             f"Decode: batch {', '.join(map(str, args.decode_batches))}, {args.decode_steps} tokens "
+             f"after a {PROMPT_TOKENS}-token prompt, best of {args.rounds} interleaved rounds; "
+             f"prefill: {args.prefill_tokens} tokens, best of {args.prefill_rounds}. Tokens/s.", ""]
+    decode_heads = [f"decode b{batch} dense / sparse / ratio" for batch in args.decode_batches]
+    lines += ["| pruned | layers (decode/prefill path: count) | " + " | ".join(decode_heads)
+              + " | prefill dense / sparse / ratio | weights MB dense / sparse "
+              "| peak extra MB decode d/s | peak extra MB prefill d/s |",
+              "| --- | --- | " + " | ".join("---" for _ in decode_heads) + " | --- | --- | --- | --- |"]
 
     def peak(result, phase):
         values = [result["peak_extra_mb"][f"{model}_{phase}"] for model in ("dense", "sparse")]
@@ -228,24 +234,24 @@ def markdown(meta: dict, results: list[dict], args) -> str:
 
     for result in results:
         paths = ", ".join(f"{key}: {count}" for key, count in sorted(result["paths"].items()))
-        lines.append(f"| {result['config']} | {paths} | {result['dense_decode']:.2f} | "
-                     f"{result['sparse_decode']:.2f} | {result['decode_ratio']:.2f}x | "
-                     f"{result['dense_prefill']:.1f} | {result['sparse_prefill']:.1f} | "
-                     f"{result['prefill_ratio']:.2f}x | {result['dense_weight_mb']:.0f} | "
+        decodes = [f"{result[f'dense_decode_b{batch}']:.2f} / {result[f'sparse_decode_b{batch}']:.2f} / "
+                   f"**{result[f'decode_b{batch}_ratio']:.2f}x**" for batch in args.decode_batches]
+        lines.append(f"| {result['config']} | {paths} | " + " | ".join(decodes)
+                     + f" | {result['dense_prefill']:.1f} / {result['sparse_prefill']:.1f} / "
+                     f"{result['prefill_ratio']:.2f}x | {result['dense_weight_mb']:.0f} / "
                      f"{result['sparse_weight_mb']:.0f} | {peak(result, 'decode')} | "
                      f"{peak(result, 'prefill')} |")
     count = args.prefill_tokens
-    lines += ["", f"Per layer (ms per layer, each block's layer in turn; best of {args.layer_rounds}):",
-              "", f"| pruned | layer | shape | sparse path | dense 1 tok | sparse 1 tok | ratio "
-                  f"| dense {count} tok | sparse {count} tok | ratio |",
-              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", f"Per layer (ms per layer, each block's layer in turn; best of {args.layer_rounds}; "
+              "dense / sparse / ratio):", "",
+              "| pruned | layer | shape | sparse path | 1 tok | 8 tok | " f"{count} tok |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for result in results:
         for row in result["layers"]:
-            lines.append(f"| {result['config']} | {row['layer']} | {row['shape']} | {row['sparse_path']} | "
-                         f"{row['dense_ms_1']:.3f} | {row['sparse_ms_1']:.3f} | "
-                         f"{row['dense_ms_1'] / row['sparse_ms_1']:.2f}x | "
-                         f"{row[f'dense_ms_{count}']:.2f} | {row[f'sparse_ms_{count}']:.2f} | "
-                         f"{row[f'dense_ms_{count}'] / row[f'sparse_ms_{count}']:.2f}x |")
+            cells = [f"{row[f'dense_ms_{n}']:.3f} / {row[f'sparse_ms_{n}']:.3f} / "
+                     f"{row[f'dense_ms_{n}'] / row[f'sparse_ms_{n}']:.2f}x" for n in (1, 8, count)]
+            lines.append(f"| {result['config']} | {row['layer']} | {row['shape']} | "
+                         f"{row['sparse_path']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +266,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default="50%,2:4,70%", help=f"from {list(CONFIGS)}")
     parser.add_argument("--policy", choices=("auto", "always"), default="auto")
     parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--decode-batches", default="1,8", help="decode batch sizes (default 1,8)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds")
     parser.add_argument("--prefill-rounds", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=512)
@@ -269,6 +276,12 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     configs = [name.strip() for name in args.configs.split(",") if name.strip()]
+    try:
+        args.decode_batches = [int(batch) for batch in args.decode_batches.split(",") if batch.strip()]
+    except ValueError:
+        parser.error(f"--decode-batches must be integers separated by commas, got {args.decode_batches!r}")
+    if not args.decode_batches or min(args.decode_batches) < 1:
+        parser.error("--decode-batches needs at least one batch size >= 1")
     unknown = [name for name in configs if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown --configs {unknown}: choose from {list(CONFIGS)}")
