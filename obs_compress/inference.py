@@ -322,6 +322,10 @@ def sparse_inference(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | No
                                            "not an nn.Linear (Conv1D): kept dense",
                                            dense_bytes, dense_bytes))
             continue
+        if weight.device.type == "meta":
+            raise InvalidArgument(f"layer {layer.name}: the weight is on the meta device (offloaded "
+                                  "or not loaded): load the model onto one device before "
+                                  "sparse_inference")
         kept = masks.get(layer.name)
         if kept is None:
             kept = weight != 0

@@ -149,6 +149,10 @@ def test_bad_arguments_are_refused_with_the_field_named():
     wrong[masks[name]] = False  # claims every kept weight is pruned
     with pytest.raises(InvalidArgument, match="nonzero entries where"):
         sparse_inference(model, masks={name: wrong})
+    with torch.device("meta"):
+        offloaded = tiny_model("llama")
+    with pytest.raises(InvalidArgument, match="on the meta device"):
+        sparse_inference(offloaded)
     sparse_inference(model, policy="always")
     with pytest.raises(InvalidArgument, match="already runs sparse inference"):
         sparse_inference(model)

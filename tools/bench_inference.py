@@ -22,7 +22,7 @@ Models: ``--model FOLDER`` (default: SmolLM2-135M-Instruct in ``.cache/models``)
 ``--random-llama 8b`` (the Llama-3-8B shapes from ``tools/make_random_llama.py``, built on the
 device with random weights, seed 0: nothing is read from disk).
 
-    python tools/bench_inference.py --device cpu --markdown docs/bench_inference_cpu.md
+    python tools/bench_inference.py --device cpu --markdown out/bench_inference_cpu.md
     python tools/bench_inference.py --device cuda --dtype bfloat16 --random-llama 8b
 
 Prints the tables (Markdown) on stdout and, with ``--json``, writes every figure after each
