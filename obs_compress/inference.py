@@ -282,7 +282,7 @@ def _choose_cuda(weight: torch.Tensor, kept: torch.Tensor, policy: str,
 @torch.no_grad()
 def sparse_inference(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | None = None,
                      policy: str = "auto", decode_max_tokens: int = 8) -> SparseInferenceReport:
-    """In place: swap each pruned ``nn.Linear`` of ``model``'s block stack for a
+    """In place: swap each pruned ``nn.Linear`` (or ``Conv1D``) of ``model``'s block stack for a
     :class:`SparseLinear` where the sparse product is faster (module docstring: the rule on
     CPU, the probe on CUDA), and report every layer's paths.
 
@@ -290,7 +290,8 @@ def sparse_inference(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | No
     without one keeps its nonzero entries. ``policy``: ``"auto"`` (decide per layer) or
     ``"always"`` (every pruned layer sparse, for tests and benchmarks). ``decode_max_tokens``:
     calls with at most this many tokens (batch x sequence) take the decode product. A layer
-    with no zero entry is not pruned and stays as it is; so do GPT-2's ``Conv1D`` layers.
+    with no zero entry is not pruned and stays as it is. GPT-2's ``Conv1D`` layers (weight
+    stored ``(d_in, d_out)``) are swapped like Linears; their masks are ``(d_out, d_in)`` too.
     """
     if policy not in POLICIES:
         raise InvalidArgument(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -314,14 +315,9 @@ def sparse_inference(model: nn.Module, *, masks: Mapping[str, torch.Tensor] | No
                       for layer in layers)
     choices: dict[tuple, _Choice] = {}  # one CUDA probe per distinct kind of layer
     for layer in layers:
-        weight = layer.module.weight.detach()
+        weight = layer.weight_matrix()  # (d_out, d_in); a transposed view for GPT-2's Conv1D
         dense_bytes = weight.numel() * weight.element_size()
         shape = tuple(layer.shape)
-        if layer.transposed:
-            report.layers.append(LayerPath(layer.name, shape, 1.0, "dense", "dense",
-                                           "not an nn.Linear (Conv1D): kept dense",
-                                           dense_bytes, dense_bytes))
-            continue
         if weight.device.type == "meta":
             raise InvalidArgument(f"layer {layer.name}: the weight is on the meta device (offloaded "
                                   "or not loaded): load the model onto one device before "

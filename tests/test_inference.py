@@ -90,15 +90,25 @@ def test_rule_keeps_dense_above_the_density_limit_and_always_overrides_it(monkey
     torch.testing.assert_close(_decode_logits(model, 2), _decode_logits(dense, 2), **FP32)
 
 
-def test_unpruned_layers_and_conv1d_are_reported_and_left_alone():
+def test_unpruned_layers_are_reported_and_left_alone():
     llama = tiny_model("llama")
     report = sparse_inference(llama)
     assert {layer.reason for layer in report.layers} == {"not pruned"} and not report.swapped
-    gpt2 = tiny_model("gpt2")
-    _prune_(gpt2, 0.7)
-    report = sparse_inference(gpt2)
-    assert not report.swapped
-    assert all("Conv1D" in layer.reason for layer in report.layers)
+
+
+def test_gpt2_conv1d_layers_swap_with_their_transposed_weight():
+    dense = tiny_model("gpt2")
+    masks = _prune_(dense, 0.7)  # (d_out, d_in) masks, the transpose of Conv1D's storage
+    sparse = copy.deepcopy(dense)
+    report = sparse_inference(sparse, masks=masks, policy="always")
+    assert len(report.swapped) == len(report.layers) == 8
+    attention = sparse.transformer.h[0].attn.c_attn
+    assert isinstance(attention, SparseLinear) and (attention.out_features, attention.in_features) == (192, 64)
+    assert attention.dense_weight().numpy().tobytes() == torch.where(
+        masks["transformer.h.0.attn.c_attn"], dense.transformer.h[0].attn.c_attn.weight.detach().T, 0.0
+    ).contiguous().numpy().tobytes()
+    for batch in (1, 2):
+        torch.testing.assert_close(_decode_logits(sparse, batch), _decode_logits(dense, batch), **FP32)
 
 
 def test_bert_with_biases_and_explicit_masks(monkeypatch):
