@@ -15,8 +15,9 @@ in the machine's load hits both alike; best round of each):
 * per layer kind (``self_attn.q_proj`` ...): one call at 1 and 8 tokens and at ``--prefill-tokens``
   on every block's layer of that kind in turn (so the weights are not cache-resident, as in
   the model), the time per layer;
-* memory: the bytes the model's weights hold (parameters + sparse storage); on CUDA also the
-  peak allocated above the resident model during decode and prefill (on CPU not measured).
+* memory: the bytes the model's weights hold (parameters + sparse storage), and the peak
+  above the resident model during a decode and a prefill: allocated bytes on CUDA, the
+  process's resident set on CPU (Linux; a lower bound, see :func:`_peak_extra_mb`).
 
 Models: ``--model FOLDER`` (default: SmolLM2-135M-Instruct in ``.cache/models``), or
 ``--random-llama 8b`` (the Llama-3-8B shapes from ``tools/make_random_llama.py``, built on the
@@ -98,10 +99,32 @@ def prefill(model, device: torch.device, tokens: int, vocab: int) -> float:
     return tokens / _seconds(lambda: model(ids, use_cache=False), device)
 
 
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _peak_extra_mb(function, device: torch.device) -> float | None:
+    """Peak memory above what was held when ``function`` started, in MB. CUDA: allocated
+    bytes. CPU (Linux): the process's resident set, whose peak (VmHWM) is reset through
+    ``/proc/self/clear_refs`` first; freed memory that the allocator reuses without returning
+    it to the system is not counted, so it is a lower bound. None where neither is readable."""
     if device.type != "cuda":
+        before = _rss_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")
+        except OSError:
+            before = None
         function()
-        return None
+        peak = _rss_kib("VmHWM")
+        return None if before is None or peak is None else (peak - before) * 1024 / 1e6
     torch.cuda.synchronize(device)
     resident = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -163,7 +186,10 @@ def run_config(args, name: str, device: torch.device, dtype: torch.dtype) -> dic
     best = {f"{model}_{phase}": 0.0 for model in ("dense", "sparse")
             for phase in [f"decode_b{batch}" for batch in args.decode_batches] + ["prefill"]}
     peaks: dict[str, float | None] = {}
-    for model_name, model in (("dense", dense), ("sparse", sparse)):  # warm-up, and the peaks
+    for model in (dense, sparse):  # warm-up: one-time allocations out of the peaks
+        decode(model, device, 2, vocab)
+        prefill(model, device, args.prefill_tokens, vocab)
+    for model_name, model in (("dense", dense), ("sparse", sparse)):
         peaks[f"{model_name}_decode"] = _peak_extra_mb(
             lambda: decode(model, device, 2, vocab), device)
         peaks[f"{model_name}_prefill"] = _peak_extra_mb(
