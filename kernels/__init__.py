@@ -8,14 +8,20 @@ reference, also the CPU path):
 * :mod:`.greedy_obs` — row-batched exact greedy OBS on a block (``obs_blockwise``'s inner
   step, and ``obs_exact`` on a whole layer);
 * :mod:`.nm_mask` — N:M selection from scores;
-* :mod:`.bitmask` — bool mask to packed bitmask, for export.
+* :mod:`.bitmask` — bool mask to packed bitmask, for export;
+* :mod:`.bitmask_matmul` — activations times a bitmask-held weight (GPU decode);
+* :mod:`.csr_matmul` — activations times a CSR weight, PyTorch's own (CPU decode; no Triton).
 """
 
 from ._backend import BACKENDS, resolve_backend
 from .bitmask import pack_bitmask, pack_bitmask_torch, unpack_bitmask
+from .bitmask_matmul import (TILE_COLS, BitmaskWeight, bitmask_matmul, bitmask_matmul_torch,
+                             bitmask_weight, dense_weight)
+from .csr_matmul import csr_matmul, csr_nbytes, csr_to_dense, csr_weight
 from .greedy_obs import GreedyObsResult, greedy_obs, greedy_obs_torch
 from .nm_mask import nm_mask, nm_mask_torch
 
-__all__ = ["BACKENDS", "GreedyObsResult", "greedy_obs", "greedy_obs_torch", "nm_mask",
-           "nm_mask_torch", "pack_bitmask", "pack_bitmask_torch", "resolve_backend",
-           "unpack_bitmask"]
+__all__ = ["BACKENDS", "TILE_COLS", "BitmaskWeight", "GreedyObsResult", "bitmask_matmul",
+           "bitmask_matmul_torch", "bitmask_weight", "csr_matmul", "csr_nbytes", "csr_to_dense",
+           "csr_weight", "dense_weight", "greedy_obs", "greedy_obs_torch", "nm_mask", "nm_mask_torch",
+           "pack_bitmask", "pack_bitmask_torch", "resolve_backend", "unpack_bitmask"]

@@ -18,7 +18,8 @@ SCRIPT = REPO / "tools" / "gpu_check.sh"
 MAX_FILES = 8
 STEPS = ("bash -n tools/gpu_check.sh", "setup: wheels, imports", "environment", "gpu tests:",
          "kernel tests:", "model: tools/make_random_llama.py --preset tiny",
-         "prune: recipes/obs-50.yaml", "inspect: the pruned checkpoint", "bench:")
+         "prune: recipes/obs-50.yaml", "inspect: the pruned checkpoint",
+         "inference: bench_inference.py", "bench:")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,7 @@ def test_dry_run_passes_and_the_summary_names_each_step(dry_run):
     assert "global sparsity 0.5000" in rows["inspect: the pruned checkpoint"]
     assert "MEASURED rc=0 wall_s=" in summary and "peak_gpu_allocated_mib=-" in summary
     assert "| 8x32 | 2:4 | obs_blockwise | torch |" in summary
+    assert "| 70% | self_attn.q_proj | 64x64 |" in summary  # the inference bench's per-layer table
 
 
 def test_dry_run_outputs_fit_what_the_device_tool_returns(dry_run):
@@ -61,6 +63,8 @@ def test_dry_run_outputs_fit_what_the_device_tool_returns(dry_run):
     report = json.loads((out / "prune_report.json").read_text())
     assert report["global_sparsity"] == pytest.approx(0.5) and report["n_layers"] == 14
     assert "commit:" in (out / "env.txt").read_text()
+    bench = (out / "bench.md").read_text()
+    assert "# Sparse inference (tools/bench_inference.py)" in bench and "# Kernels" in bench
 
 
 def test_dry_run_leaves_nothing_behind(dry_run):

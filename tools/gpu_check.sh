@@ -18,16 +18,22 @@
 #                   --device cuda) in-process through tools/measure_prune.py: wall time, peak
 #                   GPU memory, the per-layer report  -> prune.log, prune_report.json
 #   7. inspect      obs-compress inspect of the pruned checkpoint  -> prune.log
-#   8. bench        tools/bench_kernels.py at the Llama-3-8B layer shapes (q/o 4096x4096,
+#   8. inference    tools/bench_inference.py: a Llama-3-8B-shaped model with random weights
+#                   built on the GPU in bf16, pruned (magnitude) at 50%, 2:4 and 70%, dense
+#                   against sparse_inference interleaved: decode and 512-token prefill
+#                   tokens/s, per-layer matmul times, peak memory  -> bench.md, bench.log
+#   9. bench        tools/bench_kernels.py at the Llama-3-8B layer shapes (q/o 4096x4096,
 #                   k/v 1024x4096, gate/up 14336x4096, down 4096x14336), torch vs Triton,
-#                   with whatever time is left  -> bench.md, bench.json, bench.log
+#                   with whatever time is left  -> bench.md (after the inference tables),
+#                   bench.json, bench.log
 # summary.md (rewritten after every step) has each step's status and the figures.
 # OUT_DIR ends up with exactly these 8 files, the most the device tool brings back.
 #
 # --dry-run: the same steps on this CPU in well under a minute: the wheels are installed
 # for Python 3.12 into a scratch folder (a check that the set is complete, not importable
 # here), a tiny model (--preset tiny) is pruned with --device cpu, bench_kernels runs on an
-# 8x32 layer, and the GPU-only steps say "skipped (no GPU)".
+# 8x32 layer, bench_inference on the tiny random Llama, and the GPU-only steps say
+# "skipped (no GPU)".
 #
 # Time: GPU_CHECK_BUDGET_S (default 450 s; 120 s for --dry-run) bounds the whole run; each
 # step has its own cap and gets no more than what is left; the bench takes the rest.
@@ -271,7 +277,8 @@ kernel_tests_step() {
     # -m gpu ran the layer-size cases already; these are the small and odd shapes.
     run_step "$name" 150 tests.log env TRITON_INTERPRET=0 "$PYTHON" -m pytest \
         -m "not gpu and not slow" -q -rfEs -p no:cacheprovider --durations=5 \
-        tests/test_kernels_greedy_obs.py tests/test_kernels_masks.py
+        tests/test_kernels_greedy_obs.py tests/test_kernels_masks.py \
+        tests/test_kernels_sparse_matmul.py
     record "$name" "$LAST_STATUS: $(tail -n +"$mark" "$OUT_DIR/tests.log" | pytest_tally /dev/stdin)" \
         "$LAST_SECONDS" tests.log
 }
@@ -335,7 +342,33 @@ inspect_step() {
     record "$name" "$LAST_STATUS${line:+: $line}" "$LAST_SECONDS" prune.log
 }
 
-# ---- 8. Kernel bench ------------------------------------------------------------------------------
+# ---- 8. Sparse inference bench ---------------------------------------------------------------------
+
+INFERENCE_MD="$WORK/inference.md"
+
+inference_step() {
+    local args name
+    if [[ $HAVE_GPU == 1 ]]; then
+        name="inference: bench_inference.py, random Llama-3-8B shapes, bf16, 50% / 2:4 / 70%"
+        args=(--device cuda --dtype bfloat16 --random-llama 8b --decode-steps 16 --rounds 5
+              --prefill-rounds 3 --layer-rounds 3)
+    else
+        name="inference: bench_inference.py, tiny random Llama on CPU"
+        args=(--device cpu --random-llama tiny --decode-steps 2 --rounds 1 --prefill-rounds 1
+              --layer-rounds 1 --prefill-tokens 32)
+    fi
+    run_step "$name" 240 bench.log "$PYTHON" tools/bench_inference.py "${args[@]}" \
+        --markdown "$INFERENCE_MD"
+    record "$name" "$LAST_STATUS" "$LAST_SECONDS" bench.log
+    if [[ -f $INFERENCE_MD ]]; then
+        FIGURES+=$'\n## Sparse inference bench (bench.md)\n\n'"$(cat "$INFERENCE_MD")"$'\n'
+    else
+        FIGURES+=$'\n## Sparse inference bench\n\nNo table: see bench.log.\n'
+    fi
+    write_summary
+}
+
+# ---- 9. Kernel bench ------------------------------------------------------------------------------
 
 bench_step() {
     local args name
@@ -361,8 +394,15 @@ bench_step() {
     record "$name" "$LAST_STATUS" "$LAST_SECONDS" bench.log
     if [[ -f $OUT_DIR/bench.md ]]; then
         FIGURES+=$'\n## Kernel bench (bench.md)\n\n'"$(cat "$OUT_DIR/bench.md")"$'\n'
+        # bench.md carries both benches: the device tool brings back eight files at most.
+        if [[ -f $INFERENCE_MD ]]; then
+            { echo "# Sparse inference (tools/bench_inference.py)"; echo; cat "$INFERENCE_MD"; echo
+              echo "# Kernels (tools/bench_kernels.py)"; echo; cat "$OUT_DIR/bench.md"; } >"$WORK/bench_all.md" \
+                && mv "$WORK/bench_all.md" "$OUT_DIR/bench.md"
+        fi
     else
         FIGURES+=$'\n## Kernel bench\n\nNo table: see bench.log.\n'
+        [[ -f $INFERENCE_MD ]] && cp "$INFERENCE_MD" "$OUT_DIR/bench.md"
     fi
     write_summary
 }
@@ -378,6 +418,7 @@ kernel_tests_step
 model_step
 prune_step
 inspect_step
+inference_step
 bench_step
 FIGURES+=$'\n'"Total: $((SECONDS - START)) s."$'\n'
 write_summary

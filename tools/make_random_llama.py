@@ -6,13 +6,17 @@ Hugging Face checkpoint. Nothing in it is trained; the weights are ``transformer
 initialisation (normal, std ``initializer_range``) under ``torch.manual_seed(seed)`` on CPU,
 so the same seed and library versions give the same tensors.
 
-Presets (``LlamaConfig`` fields; untied embeddings, vocabulary 32,000):
+Presets (``LlamaConfig`` fields; untied embeddings, vocabulary 32,000 unless said):
 
 * ``1b``: the Llama-3.2-1B body (hidden 2048, intermediate 8192, 16 layers, 32 heads,
   8 key/value heads) with a 32,000-word vocabulary: 1,104,218,112 parameters, of which
   973,078,528 in the 112 prunable Linear layers (16 blocks x q, k, v, o, gate, up, down).
 * ``1.5b``: the same body with 24 layers: 1,590,790,144 parameters (6.4 GB in fp32), the
   size ``tools/bench_streaming.py`` compares the streaming and in-memory paths on.
+* ``8b``: the Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 layers, 32 heads,
+  8 key/value heads, vocabulary 128,256): 8,030,261,248 parameters. For
+  ``tools/bench_inference.py``, which builds it on the GPU with :func:`llama_config` instead of
+  writing 16 GB to disk.
 * ``tiny``: hidden 64, intermediate 128, 2 layers, 4 heads, 2 key/value heads, 512 words:
   for a CPU dry run in seconds.
 
@@ -46,6 +50,8 @@ PRESETS = {
                num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
     "1.5b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
 }
