@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--in-memory", action="store_true",
                        help="load the whole model instead of streaming a safetensors folder "
                             "one block at a time (the default)")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="print the memory plan (peak CPU and GPU memory, disk) from the "
+                            "model's config and the recipe, and stop: no weight is read")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("--report", metavar="FILE",
                        help="also write the report JSON here (it is always in --out)")
@@ -188,6 +191,8 @@ def _run_prune(args: argparse.Namespace) -> int:
         raise _usage_error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.eval_windows is not None and args.eval_windows < 1:
         raise _usage_error(f"--eval-windows must be >= 1, got {args.eval_windows}")
+    if args.dry_run:
+        return _print_memory_plan(args, recipe)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
@@ -205,6 +210,26 @@ def _run_prune(args: argparse.Namespace) -> int:
     print(f"wrote {run.out_dir} in {run.seconds:.1f} s")
     if args.report:
         Path(args.report).write_text(json.dumps(run.report.to_dict(), indent=2) + "\n",
+                                     encoding="utf-8")
+    return 0
+
+
+def _print_memory_plan(args: argparse.Namespace, recipe) -> int:
+    from .api import resolve_device
+    from .memory_plan import GIB, free_disk_bytes, plan_memory
+
+    device = resolve_device(args.device)
+    plan = plan_memory(args.model, recipe, device="cpu" if device is None else device.type,
+                       dtype=None if args.dtype == "auto" else args.dtype,
+                       batch_size=args.batch_size, streaming=not args.in_memory,
+                       trust_remote_code=args.trust_remote_code)
+    print(plan.table())
+    free = free_disk_bytes(args.out)
+    if free is not None:
+        print(f"  free disk at {args.out}: {free / GIB:.2f} GiB"
+              + ("" if free >= plan.disk_bytes else "  (NOT ENOUGH for the output)"))
+    if args.report:
+        Path(args.report).write_text(json.dumps(plan.to_dict(), indent=2) + "\n",
                                      encoding="utf-8")
     return 0
 
