@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 # The pipeline pulls in transformers; it is imported on first use so that the math core
 # (prune_weight and the accumulators) stays a light import.
-_PIPELINE = {"oneshot": "api", "save_pretrained": "api", "load_recipe": "recipe", "Recipe": "recipe",
+_PIPELINE = {"oneshot": "api", "save_pretrained": "api", "load_pretrained": "api", "load_recipe": "recipe", "Recipe": "recipe",
              "sparse_inference": "inference", "SparseInferenceReport": "inference"}
 
 
@@ -23,6 +23,6 @@ def __getattr__(name):
 __all__ = [
     "METHODS", "Curvature", "HessianAccumulator", "HessianNotPositiveDefinite", "InvalidArgument",
     "ModelLoadError", "NonFiniteError", "ObsCompressError", "OutputExistsError", "PruneResult",
-    "Recipe", "RecipeError", "RecursiveInverseAccumulator", "SparseInferenceReport", "load_recipe",
+    "Recipe", "RecipeError", "RecursiveInverseAccumulator", "SparseInferenceReport", "load_pretrained", "load_recipe",
     "oneshot", "prune_weight", "save_pretrained", "sparse_inference",
 ]

@@ -34,8 +34,10 @@ from .driver import prune_model
 from .errors import InvalidArgument
 from .evaluate import PerplexityResult, evaluate_protocol
 from .export.checkpoint import check_output_dir, check_shard_size
+from .export.checkpoint import load_pretrained as _load_pretrained
 from .export.checkpoint import save_pretrained as _save_pretrained
-from .model.loading import load_model
+from .inference import sparse_inference as _sparse_inference
+from .model.loading import LoadedModel, load_model
 from .plan import build_plan, check_runs_without_data
 from .recipe import NO_CALIBRATION, CalibrationSettings, Recipe, load_recipe
 from .report import PruneReport
@@ -200,6 +202,30 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
                             report=report, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
+def load_pretrained(folder: str | os.PathLike, *, sparse_inference: bool = False,
+                    sparse_policy: str = "auto", device: str | torch.device | None = None, dtype: Any = None,
+                    allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a checkpoint folder (one this tool wrote, or any), optionally ready for sparse
+    inference.
+
+    ``device``: where the model goes first (``"auto"``: the GPU when there is one; None: it
+    stays where it loaded, the CPU). ``sparse_inference=True`` then calls :func:`obs_compress.sparse_inference` on it, so that its pruned layers run the
+    sparse products where they are faster; the report of which layer runs which path is
+    ``LoadedModel.sparse_inference``. The swap happens after the move because a
+    ``SparseLinear``'s storage does not follow ``model.to``.
+    """
+    if not isinstance(sparse_inference, bool):
+        raise InvalidArgument(f"sparse_inference must be True or False, got {sparse_inference!r}")
+    loaded = _load_pretrained(folder, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code, dtype=dtype)
+    target = resolve_device(device)
+    if target is not None:
+        loaded.model.to(target)
+    if sparse_inference:
+        loaded.sparse_inference = _sparse_inference(loaded.model, policy=sparse_policy)
+    return loaded
+
+
 def evaluate_perplexity(model: nn.Module, tokenizer: Any, datasets: Sequence[str], *,
                         device: str | torch.device | None = "auto", n_windows: int | None = None,
                         window: int = EVALUATION_WINDOW, progress: bool = True,
@@ -316,5 +342,6 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                     seconds=time.perf_counter() - start)
 
 
-__all__ = ["Calibration", "PruneRun", "calibration_input_ids", "evaluate_perplexity", "oneshot",
+__all__ = ["Calibration", "PruneRun", "calibration_input_ids", "evaluate_perplexity",
+           "load_pretrained", "oneshot",
            "prune_checkpoint", "resolve_device", "save_pretrained", "select_calibration"]

@@ -210,3 +210,27 @@ def test_smollm2_at_70_percent_matches_the_dense_masked_model(smollm2_path):
         print(f"batch {batch}: max |difference| / max |logit| = {error:.2e}")
         assert error <= 1e-4
         assert torch.equal(sparse_logits.argmax(-1), dense_logits.argmax(-1))
+
+
+def test_load_pretrained_with_sparse_inference_equals_the_plain_load(tmp_path):
+    import obs_compress
+
+    model = tiny_model("llama")
+    _prune_(model, 0.6)
+    out = obs_compress.save_pretrained(model, tmp_path / "pruned")
+    plain = obs_compress.load_pretrained(out)
+    assert plain.sparse_inference is None
+    loaded = obs_compress.load_pretrained(out, sparse_inference=True, sparse_policy="always",
+                                          device="cpu")
+    report = loaded.sparse_inference
+    assert len(report.swapped) == 14 and report.device == "cpu"
+    assert isinstance(loaded.model.model.layers[0].self_attn.q_proj, SparseLinear)
+    for batch in (1, 4):
+        torch.testing.assert_close(_decode_logits(loaded.model, batch),
+                                   _decode_logits(plain.model, batch), **FP32)
+    auto = obs_compress.load_pretrained(out, sparse_inference=True)  # a cache-resident stack
+    assert auto.sparse_inference.policy == "auto" and not auto.sparse_inference.swapped
+    with pytest.raises(InvalidArgument, match="sparse_inference must be True or False"):
+        obs_compress.load_pretrained(out, sparse_inference="yes")
+    with pytest.raises(InvalidArgument, match="policy must be one of"):
+        obs_compress.load_pretrained(out, sparse_inference=True, sparse_policy="fast")

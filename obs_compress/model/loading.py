@@ -40,6 +40,9 @@ class LoadedModel:
     tokenizer: Any | None  # None when the checkpoint has none
     source: str  # what was asked for: a folder or a hub id
     local_folder: Path | None  # the folder, when the source is local
+    # set by ``obs_compress.load_pretrained(..., sparse_inference=True)``: which layer runs
+    # which product (an ``obs_compress.inference.SparseInferenceReport``); None otherwise
+    sparse_inference: Any | None = None
 
 
 def _looks_like_path(name: str) -> bool:
