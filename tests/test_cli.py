@@ -401,7 +401,14 @@ def test_sentence_transformers_model_keeps_its_own_files(tmp_path, minilm_path, 
                  "config_sentence_transformers.json", "README.md", "vocab.txt"):
         assert name in carried  # the source really has them: the check below is not empty
     for name, data in carried.items():
-        assert written.get(name) == data, name  # present, byte for byte
+        if name != "README.md":  # the card: ours, with the source's folded in (below)
+            assert written.get(name) == data, name  # present, byte for byte
+    card = (out / "README.md").read_text(encoding="utf-8")
+    source_card = (minilm_path / "README.md").read_text(encoding="utf-8")
+    source_body = source_card.split("\n---\n", 1)[1].strip() if source_card.startswith("---") \
+        else source_card.strip()
+    assert "## What was pruned" in card and "Method `magnitude`" in card
+    assert card.rstrip().endswith(source_body)  # the source's card text, whole, at the end
     assert json.loads(written["config.json"])["sparsity"]["global_sparsity"] == 0.5
     assert written["model.safetensors"] != before["model.safetensors"]
 

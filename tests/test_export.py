@@ -275,3 +275,33 @@ def test_minilm_two_of_four_round_trip(tmp_path):
     reloaded_tokenizer = AutoTokenizer.from_pretrained(out)
     assert reloaded_tokenizer("hello")["input_ids"] == tokenizer("hello")["input_ids"]
     assert yaml.safe_load((out / "recipe.yaml").read_text())["pattern"] == "2:4"
+
+
+def test_model_card_says_what_was_pruned_how_with_which_data_and_keeps_the_source_card(
+        tmp_path, input_ids):
+    model, recipe, report = pruned("llama", input_ids,
+                                   {"method": "obs_exact", "sparsity": 0.5, "block_size": 8})
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- old\n---\n\n# Tiny\n\n"
+                                      "A source card, kept.\n", encoding="utf-8")
+    out = save_pretrained(model, tmp_path / "out", source=source, recipe=recipe, report=report)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["license"] == "apache-2.0" and "obs_compress" in metadata["tags"]
+    assert metadata["library_name"] == "transformers"
+    assert "14 layers of the block stack" in card
+    assert "Sparsity asked: 50.00%, pattern `unstructured`; reached over those layers: 50.00%" in card
+    assert "Method `obs_exact`" in card and "`block_size`: 8" in card
+    assert "Source `c4`, 128 samples of 512 tokens" in card  # the recipe's calibration fields
+    mean = sum(layer.reconstruction_loss for layer in report.layers) / len(report.layers)
+    assert f"over 14 layers: {mean:.6g}" in card
+    assert card.rstrip().endswith("## Source model card\n\n# Tiny\n\nA source card, kept.")
+
+
+def test_model_card_of_a_model_saved_without_recipe_or_report(tmp_path):
+    model = tiny_model("gpt2")
+    out = save_pretrained(model, tmp_path / "out")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "Not recorded (the model was saved without its recipe)" in card
+    assert "- Nothing: no perplexity was measured" in card and "Source model card" not in card

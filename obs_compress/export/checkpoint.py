@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import InvalidArgument, OutputExistsError, UnsupportedModel
 from ..model.blocks import find_block_stack, find_layers
+from .model_card import write_model_card
 from .shards import write_model_config, write_state_dict
 
 logger = logging.getLogger(__name__)
@@ -328,8 +329,13 @@ def write_side_files(folder: Path, model: nn.Module, *, tokenizer: Any = None,
     config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     source_folder = Path(source).expanduser() if source is not None else None
+    if source_folder is not None and not source_folder.is_dir():
+        source_folder = None
+    # before the carry-over, so that the source's card is folded into ours, not copied over it
+    write_model_card(folder, data[SPARSITY_KEY], recipe=recipe, report=report,
+                     source=source_folder)
     carried = []
-    if source_folder is not None and source_folder.is_dir():
+    if source_folder is not None:
         carried = carry_over_source_files(source_folder, folder)
     has_tokenizer = any(fnmatch(name, pattern) for name in carried for pattern in TOKENIZER_FILES)
     if not has_tokenizer and tokenizer is not None:
