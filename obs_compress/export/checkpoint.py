@@ -4,7 +4,7 @@ One writer: ``model.save_pretrained`` (transformers' public call) writes the wei
 ``config.json`` and the generation config into a temporary folder; this module adds what
 transformers does not know about: the ``sparsity`` section of ``config.json`` (method,
 pattern, global sparsity, targets), the source folder's other files carried over (tokenizer,
-a sentence-transformers model's ``modules.json`` and ``1_Pooling/``, its model card...), the
+a sentence-transformers model's ``modules.json`` and ``1_Pooling/``,...), the model card (``model_card.py``: ours, the source's folded in), the
 recipe used (``recipe.yaml``) and the run's report (``obs_compress_report.json``). transformers
 owns the state dict (tied weights written once, loading-time renames reverted, shards and
 their index), so a checkpoint it writes is one it reads back.
@@ -286,7 +286,7 @@ def carry_over_source_files(source: Path, destination: Path) -> list[str]:
     to ``source``.
 
     So the output keeps what the tool does not rewrite: the tokenizer, a sentence-transformers
-    model's ``modules.json``, ``1_Pooling/`` and ``sentence_bert_config.json``, the model card.
+    model's ``modules.json``, ``1_Pooling/`` and ``sentence_bert_config.json``. (The model card is written before, so the source's is not copied over it: ``model_card.py`` folds it in.)
     Symbolic links (a hub cache's snapshot) are copied as the files they point to.
     """
     carried = []
