@@ -192,7 +192,7 @@ def decode_bitmask(stored: dict[str, torch.Tensor], *, name: str, file_size: int
     mask = unpack_bitmask(packed, cols)
     kept = int(mask.sum())
     # Bits past the last column must be clear, else the popcount lies about the kept count.
-    if kept != int(torch.tensor([bin(v).count("1") for v in _bytes(packed)]).sum()) if packed.numel() else 0:
+    if not torch.equal(pack_bitmask_torch(mask), packed):
         raise CheckpointFormatError(f"{name}.bitmask has bits set past column {cols}")
     if kept != values.numel():
         raise CheckpointFormatError(
