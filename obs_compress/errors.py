@@ -31,3 +31,8 @@ class OutputExistsError(ObsCompressError, FileExistsError):
 
 class UnsupportedModel(ObsCompressError, ValueError):
     """The model has no block stack of prunable layers that the driver can walk."""
+
+
+class CheckpointFormatError(ObsCompressError, ValueError):
+    """A stored tensor of a compressed checkpoint is inconsistent (shape, count, dtype,
+    checksum) or names a format outside the fixed table; the message names the tensor."""

@@ -1,0 +1,240 @@
+"""Encode and decode of the compressed weight formats (issue 12): pure functions on tensors.
+
+A 2-D weight ``W`` of shape ``(rows, cols)`` named ``NAME`` is stored as tensors whose names
+are ``NAME`` plus a fixed suffix (:func:`stored_names`):
+
+``bitmask``
+    ``NAME.bitmask``  uint8 ``(rows, ceil(cols / 8))``: the mask of kept (nonzero) entries,
+                      packed by ``obs_compress_kernels.bitmask.pack_bitmask_torch``
+                      (byte ``j`` of a row holds columns ``8 j .. 8 j + 7``, little bit order).
+    ``NAME.values``   ``W.dtype`` ``(popcount,)``: the kept values in row-major order.
+``nm`` (at most ``n`` kept of every ``m`` consecutive entries along the input dim ``cols``)
+    ``NAME.values``     ``W.dtype`` ``(rows, cols / m * n)``: per group the ``n`` selected
+                        entries, kept entries first in column order, then (where a group kept
+                        fewer than ``n``) its first pruned entries, whose value is zero.
+    ``NAME.positions``  uint8 ``(rows, ceil(cols / m * n * b / 8))``, ``b = ceil(log2 m)``:
+                        each selected entry's index within its group as ``b`` bits (least
+                        significant first), all of a row's bits in a row packed with the same
+                        bitmask packing as above (2:4: 4 bits per group; 4:8: 12 bits).
+    ``NAME.pattern``    int64 ``(2,)``: ``n, m``.
+both
+    ``NAME.shape``  int64 ``(2,)``: ``rows, cols``.
+    ``NAME.crc32``  int64 ``(1,)``: ``zlib.crc32`` of the bytes of the index tensor
+                    (``bitmask`` or ``positions``) followed by the bytes of ``values``.
+
+Decoding checks every shape, count and dtype (and, given ``file_size``, that the stored bytes
+fit in the file) before it allocates the dense weight, and refuses a checksum mismatch with
+:class:`~obs_compress.errors.CheckpointFormatError`. Decode(encode(W)) is bit-identical to
+``W`` except that a pruned ``-0.0`` comes back as ``+0.0`` (zeros are what is dropped).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from obs_compress_kernels.bitmask import pack_bitmask_torch, unpack_bitmask
+
+from obs_compress.errors import CheckpointFormatError
+
+FORMATS = ("dense", "bitmask", "nm")
+
+# Suffixes of the stored tensors of each format; a fixed table, never a string sent to code.
+_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "dense": ("",),
+    "bitmask": ("bitmask", "values", "shape", "crc32"),
+    "nm": ("values", "positions", "pattern", "shape", "crc32"),
+}
+
+ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_format(format: str) -> str:
+    """``format`` if it is one of :data:`FORMATS`, else a typed error naming the allowed ones."""
+    if format not in FORMATS:
+        raise CheckpointFormatError(
+            f"unknown weight format {format!r}: the allowed formats are {', '.join(FORMATS)}"
+        )
+    return format
+
+
+def stored_names(name: str, format: str) -> dict[str, str]:
+    """Suffix -> full stored tensor name of weight ``name`` in ``format`` (dense: ``{'': name}``)."""
+    return {s: (f"{name}.{s}" if s else name) for s in _SUFFIXES[check_format(format)]}
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _crc(index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([zlib.crc32(_bytes(values), zlib.crc32(_bytes(index)))], dtype=torch.int64)
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise CheckpointFormatError(f"a compressed weight must be 2-D, got shape {tuple(weight.shape)}")
+    if weight.dtype not in ALLOWED_DTYPES:
+        raise CheckpointFormatError(f"weight dtype {weight.dtype} is not one of {ALLOWED_DTYPES}")
+
+
+def encode_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``bitmask`` tensors of a 2-D weight, keyed by suffix (see the module docstring)."""
+    _check_weight(weight)
+    weight = weight.detach().cpu().contiguous()
+    kept = weight != 0
+    packed = pack_bitmask_torch(kept)
+    values = weight[kept].contiguous()
+    return {
+        "bitmask": packed,
+        "values": values,
+        "shape": torch.tensor(list(weight.shape), dtype=torch.int64),
+        "crc32": _crc(packed, values),
+    }
+
+
+def _position_bits(m: int) -> int:
+    return max(1, math.ceil(math.log2(m)))
+
+
+def encode_nm(weight: torch.Tensor, n: int, m: int) -> dict[str, torch.Tensor]:
+    """The ``nm`` tensors of a 2-D weight pruned to at most ``n`` of every ``m`` along its
+    columns, keyed by suffix; refuses a weight that breaks the pattern, naming the first group."""
+    _check_weight(weight)
+    if not (0 < n <= m <= 256):
+        raise CheckpointFormatError(f"N:M pattern {n}:{m} needs 0 < n <= m <= 256")
+    rows, cols = weight.shape
+    if cols % m:
+        raise CheckpointFormatError(f"{cols} columns are not a multiple of the group size {m}")
+    weight = weight.detach().cpu().contiguous()
+    groups = weight.reshape(rows, cols // m, m)
+    pruned = groups == 0
+    counts = (~pruned).sum(-1)
+    bad = (counts > n).nonzero()
+    if len(bad):
+        r, g = (int(v) for v in bad[0])
+        raise CheckpointFormatError(
+            f"weight breaks the {n}:{m} pattern: row {r}, group {g} (columns {g * m}..{g * m + m - 1})"
+            f" keeps {int(counts[r, g])} entries"
+        )
+    # Kept entries first, in column order (stable sort on the pruned flag), then pruned ones.
+    order = torch.sort(pruned.to(torch.uint8), dim=-1, stable=True).indices[..., :n]
+    values = torch.gather(groups, -1, order).reshape(rows, -1).contiguous()
+    b = _position_bits(m)
+    bits = (order.reshape(rows, -1, 1) >> torch.arange(b)) & 1
+    positions = pack_bitmask_torch(bits.reshape(rows, -1).bool())
+    return {
+        "values": values,
+        "positions": positions,
+        "pattern": torch.tensor([n, m], dtype=torch.int64),
+        "shape": torch.tensor([rows, cols], dtype=torch.int64),
+        "crc32": _crc(positions, values),
+    }
+
+
+def _get(stored: dict[str, torch.Tensor], format: str, name: str) -> dict[str, torch.Tensor]:
+    missing = [s for s in _SUFFIXES[format] if s not in stored]
+    if missing:
+        raise CheckpointFormatError(f"{name}: {format} tensors {', '.join(missing)} are missing")
+    return stored
+
+
+def _shape(stored: dict[str, torch.Tensor], name: str) -> tuple[int, int]:
+    shape = stored["shape"]
+    if shape.dtype != torch.int64 or shape.shape != (2,):
+        raise CheckpointFormatError(f"{name}.shape must be int64 of 2 entries, got {shape.dtype} {tuple(shape.shape)}")
+    rows, cols = (int(v) for v in shape)
+    if rows <= 0 or cols <= 0:
+        raise CheckpointFormatError(f"{name}.shape {rows}x{cols} is not positive")
+    return rows, cols
+
+
+def _check_values_dtype(values: torch.Tensor, name: str) -> None:
+    if values.dtype not in ALLOWED_DTYPES:
+        raise CheckpointFormatError(f"{name}.values has dtype {values.dtype}, not one of {ALLOWED_DTYPES}")
+
+
+def _check_file_size(name: str, file_size: int | None, *tensors: torch.Tensor) -> None:
+    if file_size is None:
+        return
+    stored = sum(t.numel() * t.element_size() for t in tensors)
+    if stored > file_size:
+        raise CheckpointFormatError(
+            f"{name}: the stored tensors claim {stored} bytes, more than the file's {file_size}"
+            " (truncated or corrupt file)"
+        )
+
+
+def _check_crc(stored: dict[str, torch.Tensor], index: torch.Tensor, values: torch.Tensor, name: str) -> None:
+    crc = stored["crc32"]
+    if crc.dtype != torch.int64 or crc.numel() != 1:
+        raise CheckpointFormatError(f"{name}.crc32 must be one int64, got {crc.dtype} {tuple(crc.shape)}")
+    if int(crc.reshape(())) != int(_crc(index, values)[0]):
+        raise CheckpointFormatError(f"{name}: checksum mismatch (crc32 of the stored bytes differs)")
+
+
+def decode_bitmask(stored: dict[str, torch.Tensor], *, name: str, file_size: int | None = None) -> torch.Tensor:
+    """The dense weight from its ``bitmask`` tensors (keyed by suffix), every count checked first."""
+    _get(stored, "bitmask", name)
+    rows, cols = _shape(stored, name)
+    packed, values = stored["bitmask"], stored["values"]
+    _check_values_dtype(values, name)
+    _check_file_size(name, file_size, packed, values)
+    expected = (rows, (cols + 7) // 8)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
+        raise CheckpointFormatError(
+            f"{name}.bitmask is {packed.dtype} {tuple(packed.shape)}, the shape {rows}x{cols}"
+            f" needs uint8 {expected}"
+        )
+    if values.dim() != 1:
+        raise CheckpointFormatError(f"{name}.values must be 1-D, got {tuple(values.shape)}")
+    mask = unpack_bitmask(packed, cols)
+    kept = int(mask.sum())
+    # Bits past the last column must be clear, else the popcount lies about the kept count.
+    if not torch.equal(pack_bitmask_torch(mask), packed):
+        raise CheckpointFormatError(f"{name}.bitmask has bits set past column {cols}")
+    if kept != values.numel():
+        raise CheckpointFormatError(
+            f"{name}: the mask keeps {kept} entries but {name}.values holds {values.numel()}"
+        )
+    _check_crc(stored, packed, values, name)
+    dense = torch.zeros(rows, cols, dtype=values.dtype)
+    dense[mask] = values
+    return dense
+
+
+def decode_nm(stored: dict[str, torch.Tensor], *, name: str, file_size: int | None = None) -> torch.Tensor:
+    """The dense weight from its ``nm`` tensors (keyed by suffix), every count checked first."""
+    _get(stored, "nm", name)
+    rows, cols = _shape(stored, name)
+    pattern, values, positions = stored["pattern"], stored["values"], stored["positions"]
+    if pattern.dtype != torch.int64 or pattern.shape != (2,):
+        raise CheckpointFormatError(f"{name}.pattern must be int64 of 2 entries")
+    n, m = (int(v) for v in pattern)
+    if not (0 < n <= m <= 256) or cols % m:
+        raise CheckpointFormatError(f"{name}: pattern {n}:{m} does not fit {cols} columns")
+    _check_values_dtype(values, name)
+    _check_file_size(name, file_size, positions, values)
+    per_row = cols // m * n
+    if tuple(values.shape) != (rows, per_row):
+        raise CheckpointFormatError(
+            f"{name}.values is {tuple(values.shape)}, the shape {rows}x{cols} at {n}:{m} needs {(rows, per_row)}"
+        )
+    b = _position_bits(m)
+    expected = (rows, (per_row * b + 7) // 8)
+    if positions.dtype != torch.uint8 or tuple(positions.shape) != expected:
+        raise CheckpointFormatError(
+            f"{name}.positions is {positions.dtype} {tuple(positions.shape)}, needs uint8 {expected}"
+        )
+    _check_crc(stored, positions, values, name)
+    bits = unpack_bitmask(positions, per_row * b).reshape(rows, -1, b).to(torch.int64)
+    index = (bits << torch.arange(b)).sum(-1).reshape(rows, cols // m, n)
+    if bool((index >= m).any()):
+        raise CheckpointFormatError(f"{name}.positions holds an index >= the group size {m}")
+    ordered = index.sort(-1).values
+    if n > 1 and bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise CheckpointFormatError(f"{name}.positions repeats a position within a group")
+    dense = torch.zeros(rows, cols // m, m, dtype=values.dtype)
+    dense.scatter_(-1, index, values.reshape(rows, cols // m, n))
+    return dense.reshape(rows, cols)
