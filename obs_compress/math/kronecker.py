@@ -15,6 +15,7 @@ gives ``dW = -W[:, Q] ([H^-1]_QQ)^-1 [H^-1]_{Q,:}`` and the predicted loss
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,11 +28,13 @@ def damp_factor(factor: torch.Tensor, dampening_frac: float) -> torch.Tensor:
 
     ``factor``: ``(d, d)``, a Kronecker factor ``A`` or ``G``.
     """
-    if not (isinstance(dampening_frac, (int, float)) and torch.isfinite(torch.tensor(float(dampening_frac)))
+    if not (isinstance(dampening_frac, (int, float)) and math.isfinite(dampening_frac)
             and dampening_frac >= 0):
-        raise InvalidArgument(f"dampening_frac must be a finite number >= 0, got {dampening_frac!r}")
+        raise InvalidArgument(
+            f"dampening_frac must be a finite number >= 0, got {dampening_frac!r}")
     if factor.ndim != 2 or factor.shape[0] != factor.shape[1]:
-        raise InvalidArgument(f"a Kronecker factor must be square (d, d), got shape {tuple(factor.shape)}")
+        raise InvalidArgument(
+            f"a Kronecker factor must be square (d, d), got shape {tuple(factor.shape)}")
     if not torch.isfinite(factor).all():
         raise NonFiniteError("the Kronecker factor holds NaN or infinity")
     diagonal = torch.diagonal(factor)
@@ -45,8 +48,9 @@ def kronecker_inverse_diagonal(g_inverse: torch.Tensor, a_inverse: torch.Tensor)
     return torch.outer(torch.diagonal(g_inverse), torch.diagonal(a_inverse))
 
 
-def kronecker_saliency(weight: torch.Tensor, g_inverse: torch.Tensor, a_inverse: torch.Tensor) -> torch.Tensor:
-    """OBS saliency under ``F = G (x) A``: ``w_ij^2 / (2 [G^-1]_ii [A^-1]_jj)``, shape of ``weight``."""
+def kronecker_saliency(weight: torch.Tensor, g_inverse: torch.Tensor,
+                       a_inverse: torch.Tensor) -> torch.Tensor:
+    """OBS saliency under ``F = G (x) A``: ``w_ij^2 / (2 [G^-1]_ii [A^-1]_jj)``, shape of W."""
     return weight * weight / (2 * kronecker_inverse_diagonal(g_inverse, a_inverse))
 
 
