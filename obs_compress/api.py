@@ -186,7 +186,8 @@ def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None =
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None,
                     source: str | os.PathLike | None = None, recipe: Any = None,
                     report: PruneReport | None = None, overwrite: bool = False,
-                    max_shard_size: int | str = "2GB") -> Path:
+                    max_shard_size: int | str = "2GB", format: str = "dense",
+                    pattern: Any = None) -> Path:
     """Write the (pruned) ``model`` as a Hugging Face folder; see
     :func:`obs_compress.export.checkpoint.save_pretrained`.
 
@@ -199,7 +200,8 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: 
     if recipe is not None:
         recipe = load_recipe(recipe)
     return _save_pretrained(model, out_dir, tokenizer=tokenizer, source=source, recipe=recipe,
-                            report=report, overwrite=overwrite, max_shard_size=max_shard_size)
+                            report=report, overwrite=overwrite, max_shard_size=max_shard_size,
+                            format=format, pattern=pattern)
 
 
 def load_pretrained(folder: str | os.PathLike, *, sparse_inference: bool = False,
@@ -273,7 +275,7 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                      max_shard_size: int | str = "2GB",
                      data_dir: str | os.PathLike | None = None, evaluate: Sequence[str] = (),
                      eval_windows: int | None = None, streaming: bool | None = None,
-                     resume: bool = False) -> PruneRun:
+                     resume: bool = False, format: str = "dense") -> PruneRun:
     """Load ``model`` (folder or hub id), prune it by ``recipe``, write it to ``out_dir``.
 
     The output folder and the calibration choice are checked first, so a refusal comes
@@ -287,8 +289,12 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
     self``, ``evaluate``: the report says why it did not stream); True insists (refused with
     the reason otherwise); False loads the whole model. ``resume``: continue the interrupted
     streaming run of ``out_dir`` from its last finished block (refused if the recipe, model,
-    calibration or settings differ).
+    calibration or settings differ). ``format``: how the pruned weights are stored
+    (``dense``, ``bitmask``, ``nm``; docs/FORMAT.md), checked before the work.
     """
+    from .export.formats import check_format
+
+    check_format(format)
     start = time.perf_counter()
     recipe = load_recipe(recipe)
     source = Path(model).expanduser()
@@ -308,7 +314,8 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                 source.resolve(), recipe, out_dir, calibration=calibration,
                 device=resolve_device(device), overwrite=overwrite, resume=resume,
                 trust_remote_code=trust_remote_code, dtype=dtype, batch_size=batch_size,
-                progress=progress, max_shard_size=max_shard_size, data_dir=data_dir)
+                progress=progress, max_shard_size=max_shard_size, data_dir=data_dir,
+                format=format)
             return PruneRun(report=report, out_dir=out, model=streamed.model,
                             tokenizer=tokenizer, seconds=time.perf_counter() - start)
         if streaming:
@@ -337,7 +344,7 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                                 "n_tokens": after[name].n_tokens} for name in evaluate}
     out = save_pretrained(loaded.model, out_dir, tokenizer=loaded.tokenizer,
                           source=loaded.local_folder, recipe=recipe, report=report,
-                          overwrite=overwrite, max_shard_size=max_shard_size)
+                          overwrite=overwrite, max_shard_size=max_shard_size, format=format)
     return PruneRun(report=report, out_dir=out, model=loaded.model, tokenizer=loaded.tokenizer,
                     seconds=time.perf_counter() - start)
 

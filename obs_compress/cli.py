@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="allow running modeling code shipped with the checkpoint")
     prune.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                        help="largest safetensors shard (default: 2GB)")
+    prune.add_argument("--format", choices=("dense", "bitmask", "nm"), default="dense",
+                       help="how the pruned weights are stored: dense (zeros in place), "
+                            "bitmask (packed mask + kept values) or nm (the recipe's N:M "
+                            "pattern: kept values + positions); docs/FORMAT.md "
+                            "(default: dense)")
     prune.add_argument("--eval", action="append", default=[], metavar="DATASET",
                        dest="evaluate",
                        help="measure perplexity on DATASET (wikitext2, c4, hub:wikitext2, "
@@ -205,7 +210,7 @@ def _run_prune(args: argparse.Namespace) -> int:
                                max_shard_size=args.max_shard_size, data_dir=args.data_dir,
                                evaluate=args.evaluate, eval_windows=args.eval_windows,
                                streaming=False if args.in_memory else None,
-                               resume=args.resume)
+                               resume=args.resume, format=args.format)
     print(run.report.table())
     print(f"wrote {run.out_dir} in {run.seconds:.1f} s")
     if args.report:

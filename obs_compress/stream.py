@@ -31,7 +31,8 @@ import torch
 
 from .driver import prune_blocks
 from .export.checkpoint import (_tool_version, check_output_dir, check_shard_size,
-                                commit_folder, write_side_files)
+                                commit_folder, resolve_nm_pattern, write_side_files)
+from .export.encoding import plan_encodings
 from .export.progress import MANIFEST_NAME, open_progress, write_manifest
 from .export.shards import STAGING_DIR, ShardWriter, checkpoint_layout, write_safetensors
 from .model.loading import _check_local_folder, _model_class
@@ -101,7 +102,8 @@ def _layer_stats(data: dict[str, Any]) -> LayerStats:
 def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, calibration: Any,
                     device: torch.device | None, overwrite: bool, resume: bool,
                     trust_remote_code: bool, dtype: Any, batch_size: int, progress: bool,
-                    max_shard_size: int | str, data_dir: Any) -> tuple[PruneReport, Path,
+                    max_shard_size: int | str, data_dir: Any, format: str = "dense",
+                    pattern: Any = None) -> tuple[PruneReport, Path,
                                                                       StreamingModel, Any]:
     """Prune the checkpoint in ``folder`` block by block into ``out_dir`` (see the module
     docstring). Returns the report, the output folder, the (meta) model and tokenizer."""
@@ -129,6 +131,10 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
         input_ids = calibration.input_ids(tokenizer=tokenizer, model=None, data_dir=data_dir)
         _check_vocabulary(model, input_ids)
     layout = checkpoint_layout(model, shard_bytes)
+    targets = [p.layer.name for block in plan.blocks for p in block.layers]
+    nm = resolve_nm_pattern(format, {p.settings.pattern for block in plan.blocks
+                                     for p in block.layers}, recipe.pattern, pattern)
+    encodings = plan_encodings(model, layout.sources, format, targets, nm)
     n_blocks = len(plan.blocks)
     identity = {
         "tool": _tool_version(), "model": model_identity(folder), "recipe": recipe.to_dict(),
@@ -136,10 +142,11 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
                         + "x".join(map(str, input_ids.shape))) if input_ids is not None else None,
         "settings": {"dtype": str(next(p.dtype for p in model.parameters())),
                      "batch_size": batch_size, "max_shard_size": shard_bytes,
+                     "format": format, "pattern": str(nm) if nm else None,
                      "device": device.type if device is not None else "cpu"},
     }
     work, record = open_progress(out, identity, n_blocks, resume=resume, overwrite=overwrite)
-    writer = ShardWriter(work, layout)
+    writer = ShardWriter(work, layout, encodings)
     writer.restore(record.staged, record.shards)
     resumed_at = record.blocks_done if record.blocks_done else None
     if record.blocks_done == 0 and not record.shards and not record.staged:
@@ -188,7 +195,7 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
                          recipe=recipe.to_dict(), model=str(folder), path="streaming",
                          resumed_at_block=resumed_at)
     write_side_files(work, model, tokenizer=tokenizer, source=folder, recipe=recipe,
-                     report=report)
+                     report=report, encodings=encodings)
     if record.inputs is not None:
         (work / record.inputs["file"]).unlink(missing_ok=True)
     shutil.rmtree(work / STAGING_DIR, ignore_errors=True)

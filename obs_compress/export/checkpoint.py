@@ -34,8 +34,10 @@ from torch import nn
 
 from ..errors import InvalidArgument, OutputExistsError, UnsupportedModel
 from ..model.blocks import find_block_stack, find_layers
+from . import formats
+from .encoding import WeightEncoding, plan_encodings, quantization_section
 from .model_card import write_model_card
-from .shards import write_model_config, write_state_dict
+from .shards import ShardWriter, checkpoint_layout, write_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +198,31 @@ def model_sparsity(model: nn.Module) -> tuple[float, list[str]]:
     return (zeros / total if total else 0.0), names
 
 
-def sparsity_section(model: nn.Module, *, recipe: Any = None, report: Any = None) -> dict:
+def resolve_nm_pattern(format: str, layer_patterns: Any, recipe_pattern: Any = None,
+                       pattern: Any = None):
+    """The N:M pattern the ``nm`` format encodes (None for the other formats): ``pattern`` if
+    given, else the one pattern every target layer was pruned to, else the recipe's."""
+    from ..math.masks import parse_pattern
+
+    if formats.check_format(format) != "nm":
+        return None
+    if pattern is not None:
+        chosen = parse_pattern(pattern)
+    else:
+        found = sorted({str(p) for p in layer_patterns}) or (
+            [str(recipe_pattern)] if recipe_pattern else [])
+        if len(found) != 1:
+            raise InvalidArgument(
+                f"format nm needs every target pruned to one N:M pattern; the targets have "
+                f"{', '.join(found) or 'no recorded pattern'} (give the pattern, --pattern N:M)")
+        chosen = parse_pattern(found[0])
+    if not chosen.is_nm:
+        raise InvalidArgument(f"format nm needs an N:M pattern, the targets are {chosen}")
+    return chosen
+
+
+def sparsity_section(model: nn.Module, *, recipe: Any = None, report: Any = None,
+                     format: str = "dense") -> dict:
     """The ``sparsity`` section of ``config.json``."""
     recipe_dict = recipe.to_dict() if hasattr(recipe, "to_dict") else (recipe or {})
     if report is not None:
@@ -211,7 +237,9 @@ def sparsity_section(model: nn.Module, *, recipe: Any = None, report: Any = None
         global_sparsity, targets = model_sparsity(model)
         patterns, methods = {}, []
     return {
-        "format": "dense",  # zeros stored in place: any loader reads it as an ordinary model
+        # dense: zeros stored in place, any loader reads it as an ordinary model; bitmask, nm:
+        # the targets encoded (config.json's quantization_config, docs/FORMAT.md)
+        "format": formats.check_format(format),
         "tool": f"obs_compress {_tool_version()}",
         "method": recipe_dict.get("method", methods[0] if len(methods) == 1 else None),
         "pattern": recipe_dict.get("pattern"),
@@ -308,24 +336,55 @@ def carry_over_source_files(source: Path, destination: Path) -> list[str]:
 
 def write_folder_contents(folder: Path, model: nn.Module, *, tokenizer: Any = None,
                           source: str | os.PathLike | None = None, recipe: Any = None,
-                          report: Any = None, max_shard_size: int | str = "2GB") -> None:
+                          report: Any = None, max_shard_size: int | str = "2GB",
+                          format: str = "dense", pattern: Any = None) -> None:
     """Write weights, config, the source's other files, recipe and report into ``folder``
-    (no atomicity)."""
+    (no atomicity). ``format``: how the pruned targets' weights are stored (:mod:`.formats`;
+    the targets are the report's layers, else the block-stack layers holding zeros)."""
+    formats.check_format(format)
     with _as_plain_weights(model):
-        write_state_dict(folder, model, check_shard_size(max_shard_size))
+        layout = checkpoint_layout(model, check_shard_size(max_shard_size))
+        encodings = {}
+        if format != "dense":
+            section = sparsity_section(model, recipe=recipe, report=report)
+            layer_patterns = [layer.pattern for layer in report.layers] if report else []
+            recipe_dict = recipe.to_dict() if hasattr(recipe, "to_dict") else (recipe or {})
+            nm = resolve_nm_pattern(format, layer_patterns, recipe_dict.get("pattern"), pattern)
+            encodings = plan_encodings(model, layout.sources, format, section["targets"], nm)
+        writer = ShardWriter(folder, layout, encodings)
+        writer.add(model.state_dict(), label="all")
+        writer.finish()
         write_side_files(folder, model, tokenizer=tokenizer, source=source, recipe=recipe,
-                         report=report)
+                         report=report, encodings=encodings)
 
 
 def write_side_files(folder: Path, model: nn.Module, *, tokenizer: Any = None,
                      source: str | os.PathLike | None = None, recipe: Any = None,
-                     report: Any = None) -> None:
-    """Everything but the weights: config (with the ``sparsity`` section), generation
-    config, the source's other files, the tokenizer, recipe and report."""
+                     report: Any = None, encodings: Mapping[str, WeightEncoding] | None = None,
+                     section: Mapping[str, Any] | None = None, card_note: str | None = None
+                     ) -> None:
+    """Everything but the weights: config (with the ``sparsity`` section, and for a
+    compressed format the ``quantization_config`` section naming the ``encodings``),
+    generation config, the source's other files, the tokenizer, recipe and report.
+    ``section``: a ``sparsity`` section to write instead of measuring one (a conversion)."""
+    encodings = dict(encodings or {})
+    format = next(iter({e.format for e in encodings.values()}), "dense")
     write_model_config(folder, model)
     config_path = folder / CONFIG_NAME
     data = json.loads(config_path.read_text(encoding="utf-8"))
-    data[SPARSITY_KEY] = sparsity_section(model, recipe=recipe, report=report)
+    if section is None:
+        section = sparsity_section(model, recipe=recipe, report=report, format=format)
+    data[SPARSITY_KEY] = {**section, "format": format}
+    data.pop(formats.QUANTIZATION_CONFIG_KEY, None)
+    if encodings:
+        first = next(iter(encodings.values()))
+        nm = None
+        if format == "nm":
+            from ..math.masks import Pattern
+
+            nm = Pattern(first.n, first.m)
+        data[formats.QUANTIZATION_CONFIG_KEY] = quantization_section(
+            format, nm, data[SPARSITY_KEY]["global_sparsity"], encodings, _tool_version())
     config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     source_folder = Path(source).expanduser() if source is not None else None
@@ -333,7 +392,7 @@ def write_side_files(folder: Path, model: nn.Module, *, tokenizer: Any = None,
         source_folder = None
     # before the carry-over, so that the source's card is folded into ours, not copied over it
     write_model_card(folder, data[SPARSITY_KEY], recipe=recipe, report=report,
-                     source=source_folder)
+                     source=source_folder, note=card_note)
     carried = []
     if source_folder is not None:
         carried = carry_over_source_files(source_folder, folder)
@@ -354,18 +413,23 @@ def write_side_files(folder: Path, model: nn.Module, *, tokenizer: Any = None,
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None,
                     source: str | os.PathLike | None = None, recipe: Any = None,
                     report: Any = None, overwrite: bool = False,
-                    max_shard_size: int | str = "2GB") -> Path:
+                    max_shard_size: int | str = "2GB", format: str = "dense",
+                    pattern: Any = None) -> Path:
     """Write ``model`` to ``out_dir`` atomically (see the module docstring); returns the folder.
 
     ``source``: the folder the model was loaded from; its files other than weights and
     config are carried over (:func:`carry_over_source_files`) and it is protected from being
     overwritten. ``tokenizer`` is saved when the source has no tokenizer files.
     ``recipe``/``report``: stored beside the weights and summarised in ``config.json``'s
-    ``sparsity`` section.
+    ``sparsity`` section. ``format``: ``dense`` (zeros in place), ``bitmask`` or ``nm``
+    (the pruned targets encoded, docs/FORMAT.md; ``pattern`` N:M for ``nm`` when the report
+    and recipe do not say it).
     """
+    formats.check_format(format)
     with atomic_output_dir(out_dir, overwrite=overwrite, source=source) as partial:
         write_folder_contents(partial, model, tokenizer=tokenizer, source=source, recipe=recipe,
-                              report=report, max_shard_size=max_shard_size)
+                              report=report, max_shard_size=max_shard_size, format=format,
+                              pattern=pattern)
     out = Path(out_dir).expanduser().resolve()
     logger.info("wrote %s", out)
     return out

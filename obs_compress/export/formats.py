@@ -16,7 +16,11 @@ are ``NAME`` plus a fixed suffix (:func:`stored_names`):
                         each selected entry's index within its group as ``b`` bits (least
                         significant first), all of a row's bits in a row packed with the same
                         bitmask packing as above (2:4: 4 bits per group; 4:8: 12 bits).
-    ``NAME.pattern``    int64 ``(2,)``: ``n, m``.
+    ``NAME.pattern``    int64 ``(2,)``: ``n, m``; or ``(3,)``: ``n, m, 0`` when the groups run
+                        along the ROWS of the stored tensor (``axis=0``: GPT-2's ``Conv1D``
+                        stores its weight ``(d_in, d_out)``, so its input dim is the rows);
+                        then ``values``/``positions`` are those of the transpose
+                        ``(cols, rows)`` and decoding transposes back.
 both
     ``NAME.shape``  int64 ``(2,)``: ``rows, cols``.
     ``NAME.crc32``  int64 ``(1,)``: ``zlib.crc32`` of the bytes of the index tensor
@@ -39,6 +43,18 @@ from obs_compress_kernels.bitmask import pack_bitmask_torch, unpack_bitmask
 from obs_compress.errors import CheckpointFormatError
 
 FORMATS = ("dense", "bitmask", "nm")
+
+# The ``config.json`` section of a compressed folder, shared by the writer and the loader:
+# {"quant_method": "obs_sparse", "format": "bitmask"|"nm", "pattern": "2:4"|None,
+#  "global_sparsity": float, "targets": [stored weight names encoded], "tool_version": str}
+QUANTIZATION_CONFIG_KEY = "quantization_config"
+QUANT_METHOD_KEY = "quant_method"
+QUANT_METHOD = "obs_sparse"
+FORMAT_KEY = "format"
+PATTERN_KEY = "pattern"
+GLOBAL_SPARSITY_KEY = "global_sparsity"
+TARGETS_KEY = "targets"
+TOOL_VERSION_KEY = "tool_version"
 
 # Suffixes of the stored tensors of each format; a fixed table, never a string sent to code.
 _SUFFIXES: dict[str, tuple[str, ...]] = {
@@ -98,10 +114,17 @@ def _position_bits(m: int) -> int:
     return max(1, math.ceil(math.log2(m)))
 
 
-def encode_nm(weight: torch.Tensor, n: int, m: int) -> dict[str, torch.Tensor]:
+def encode_nm(weight: torch.Tensor, n: int, m: int, *, axis: int = 1) -> dict[str, torch.Tensor]:
     """The ``nm`` tensors of a 2-D weight pruned to at most ``n`` of every ``m`` along its
-    columns, keyed by suffix; refuses a weight that breaks the pattern, naming the first group."""
+    columns (``axis=1``) or rows (``axis=0``), keyed by suffix; refuses a weight that breaks
+    the pattern, naming the first group."""
     _check_weight(weight)
+    if axis not in (0, 1):
+        raise CheckpointFormatError(f"N:M groups run along axis 0 or 1, got {axis}")
+    if axis == 0:
+        encoded = encode_nm(weight.T, n, m)
+        encoded["pattern"] = torch.tensor([n, m, 0], dtype=torch.int64)
+        return encoded
     if not (0 < n <= m <= 256):
         raise CheckpointFormatError(f"N:M pattern {n}:{m} needs 0 < n <= m <= 256")
     rows, cols = weight.shape
@@ -209,9 +232,13 @@ def decode_nm(stored: dict[str, torch.Tensor], *, name: str, file_size: int | No
     _get(stored, "nm", name)
     rows, cols = _shape(stored, name)
     pattern, values, positions = stored["pattern"], stored["values"], stored["positions"]
-    if pattern.dtype != torch.int64 or pattern.shape != (2,):
-        raise CheckpointFormatError(f"{name}.pattern must be int64 of 2 entries")
-    n, m = (int(v) for v in pattern)
+    if pattern.dtype != torch.int64 or pattern.shape not in ((2,), (3,)):
+        raise CheckpointFormatError(f"{name}.pattern must be int64 of 2 or 3 entries")
+    if pattern.shape == (3,):
+        if int(pattern[2]) != 0:
+            raise CheckpointFormatError(f"{name}.pattern's third entry (the axis) must be 0")
+        rows, cols = cols, rows  # groups along the rows: the transpose was encoded
+    n, m = (int(v) for v in pattern[:2])
     if not (0 < n <= m <= 256) or cols % m:
         raise CheckpointFormatError(f"{name}: pattern {n}:{m} does not fit {cols} columns")
     _check_values_dtype(values, name)
@@ -237,4 +264,5 @@ def decode_nm(stored: dict[str, torch.Tensor], *, name: str, file_size: int | No
         raise CheckpointFormatError(f"{name}.positions repeats a position within a group")
     dense = torch.zeros(rows, cols // m, m, dtype=values.dtype)
     dense.scatter_(-1, index, values.reshape(rows, cols // m, n))
-    return dense.reshape(rows, cols)
+    dense = dense.reshape(rows, cols)
+    return dense.T.contiguous() if pattern.shape == (3,) else dense

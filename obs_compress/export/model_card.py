@@ -35,9 +35,19 @@ def _percent(value: Any) -> str:
     return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "not recorded"
 
 
+def _storage(format: str) -> str:
+    if format == "bitmask":
+        return ("their weights are stored compressed (format `bitmask`: a packed mask and the "
+                "kept values, docs/FORMAT.md)")
+    if format == "nm":
+        return ("their weights are stored compressed (format `nm`: the kept values of each "
+                "group and their positions, docs/FORMAT.md)")
+    return f"the zeros are stored in place (format `{format}`)"
+
+
 def model_card(sparsity: Mapping[str, Any], *, recipe: Mapping[str, Any] | None = None,
                report: Mapping[str, Any] | None = None, source_card: str | None = None,
-               source_name: str | None = None) -> str:
+               source_name: str | None = None, note: str | None = None) -> str:
     """The card's text. ``sparsity``: the config's section; ``recipe``/``report``: their
     dictionaries (``Recipe.to_dict``, ``PruneReport.to_dict``) or None; ``source_card``: the
     source folder's ``README.md`` text, if it had one."""
@@ -60,12 +70,12 @@ def model_card(sparsity: Mapping[str, Any], *, recipe: Mapping[str, Any] | None 
     lines = [f"# {source_name or 'Model'}, pruned with {sparsity.get('tool', 'obs_compress')}", "",
              "## What was pruned", "",
              f"- {len(targets)} layers of the block stack (embeddings and the output head are "
-             "untouched); the zeros are stored in place "
-             f"(format `{sparsity.get('format', 'dense')}`).",
+             f"untouched); {_storage(sparsity.get('format', 'dense'))}.",
              f"- Sparsity asked: {_percent(sparsity.get('sparsity'))}, pattern "
              f"`{sparsity.get('pattern') or 'not recorded'}`; reached over those layers: "
              f"{_percent(sparsity.get('global_sparsity'))}.",
-             f"- Per pattern, layers: {json.dumps(sparsity.get('patterns') or {})}.", "",
+             f"- Per pattern, layers: {json.dumps(sparsity.get('patterns') or {})}.",
+             *([f"- {note}"] if note else []), "",
              "## How", "",
              f"- Method `{sparsity.get('method') or 'not recorded'}`."]
     for key in ("allocation", "block_size", "dampening_frac", "refit", "inverse",
@@ -109,7 +119,8 @@ def model_card(sparsity: Mapping[str, Any], *, recipe: Mapping[str, Any] | None 
 
 
 def write_model_card(folder: Path, sparsity: Mapping[str, Any], *, recipe: Any = None,
-                     report: Any = None, source: Path | None = None) -> None:
+                     report: Any = None, source: Path | None = None,
+                     note: str | None = None) -> None:
     """Write ``folder/README.md`` (the source's card, read from ``source``, folded in)."""
     source_card = None
     if source is not None and (source / MODEL_CARD_NAME).is_file():
@@ -119,4 +130,4 @@ def write_model_card(folder: Path, sparsity: Mapping[str, Any], *, recipe: Any =
     name = source.name if source is not None else None
     (folder / MODEL_CARD_NAME).write_text(
         model_card(sparsity, recipe=recipe_dict, report=report_dict, source_card=source_card,
-                   source_name=name), encoding="utf-8")
+                   source_name=name, note=note), encoding="utf-8")

@@ -40,6 +40,8 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgument
+from .encoding import WeightEncoding, encode_weight
+from .formats import stored_names
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -53,13 +55,15 @@ _DTYPE_NAMES = {
 }
 
 
-def tensors_for_file(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+def tensors_for_file(name: str, tensor: torch.Tensor,
+                     encoding: WeightEncoding | None = None) -> dict[str, torch.Tensor]:
     """The tensors stored in the checkpoint for the model's tensor ``name``.
 
-    Today the tensor itself (dense, zeros in place). The one place a compressed format
-    encodes a pruned weight into several stored tensors.
+    Dense (``encoding`` None): the tensor itself, zeros in place. A compressed format
+    (:mod:`.encoding`): the pruned weight's stored tensors (``NAME.bitmask``, ``NAME.values``,
+    ...), the one place where a weight becomes several stored tensors.
     """
-    return {name: tensor}
+    return encode_weight(name, tensor, encoding)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -118,6 +122,19 @@ def write_safetensors(path: Path, shapes: Mapping[str, tuple[torch.dtype, tuple[
         os.fsync(handle.fileno())
     partial.replace(path)
     return digest.hexdigest()
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's header: tensor name -> ``{"dtype", "shape", "data_offsets"}``."""
+    with path.open("rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _dtype_of(code: str) -> torch.dtype:
+    return next(d for d, name in _DTYPE_NAMES.items() if name == code)
 
 
 def read_tensor(path: Path, name: str) -> torch.Tensor:
@@ -230,16 +247,29 @@ class ShardWriter:
     :meth:`add` takes model tensors by their state-dict names; a shard whose tensors are all
     in is written at once; the others' tensors wait in one staging file per call (named by
     ``label``). ``staged``/``written`` say what is on disk (for the progress manifest);
-    ``restore`` takes them back after a crash.
+    ``restore`` takes them back after a crash. ``encodings``: stored weight name -> how a
+    compressed format encodes it (:func:`.encoding.plan_encodings`); the layout (which file
+    holds which weight) stays the dense one, so it does not depend on the weights' values.
     """
 
-    def __init__(self, folder: Path, layout: CheckpointLayout):
+    def __init__(self, folder: Path, layout: CheckpointLayout,
+                 encodings: Mapping[str, WeightEncoding] | None = None):
         self.folder = folder
         self.layout = layout
+        self.encodings = dict(encodings or {})
         self._file_of = layout.file_of()
         self._by_source: dict[str, list[str]] = {}
         for stored, source in layout.sources.items():
             self._by_source.setdefault(source, []).append(stored)
+        # each stored file tensor -> the layout's (dense) name it belongs to
+        self._weight_of: dict[str, str] = {name: name for name in self._file_of}
+        self._parts_of: dict[str, list[str]] = {name: [name] for name in self._file_of}
+        for weight, encoding in self.encodings.items():
+            parts = list(stored_names(weight, encoding.format).values())
+            self._parts_of[weight] = parts
+            for part in parts:
+                self._weight_of[part] = weight
+        self._staged_headers: dict[str, dict[str, dict]] = {}
         self.staged: dict[str, dict] = {}  # staging file -> {"names": [...], "sha256": ...}
         self.written: dict[str, str] = {}  # shard file -> sha256
 
@@ -254,16 +284,19 @@ class ShardWriter:
         ready: dict[str, torch.Tensor] = {}
         for source, tensor in tensors.items():
             for stored in self._by_source.get(source, []):
-                for name, value in tensors_for_file(stored, tensor).items():
+                for name, value in tensors_for_file(stored, tensor,
+                                                    self.encodings.get(stored)).items():
                     ready[name] = value
         staged = self._stored_names()
+        ready_weights = {self._weight_of[n] for n in ready}
+        staged_weights = {self._weight_of[n] for n in staged}
         complete = [file for file, names in self.layout.files.items()
-                    if file not in self.written and any(n in ready for n in names)
-                    and all(n in ready or n in staged for n in names)]
+                    if file not in self.written and any(n in ready_weights for n in names)
+                    and all(n in ready_weights or n in staged_weights for n in names)]
         for file in complete:
             self._write_shard(file, ready, staged)
         leftover = {name: value for name, value in ready.items()
-                    if self._file_of[name] not in self.written}
+                    if self._file_of[self._weight_of[name]] not in self.written}
         if leftover:
             (self.folder / STAGING_DIR).mkdir(exist_ok=True)
             part = f"{STAGING_DIR}/part-{label}.safetensors"
@@ -272,10 +305,26 @@ class ShardWriter:
                                        leftover.__getitem__)
             self.staged[part] = {"names": sorted(leftover), "sha256": digest}
         done = [part for part, record in self.staged.items()
-                if all(self._file_of[n] in self.written for n in record["names"])]
+                if all(self._file_of[self._weight_of[n]] in self.written
+                       for n in record["names"])]
         for part in done:
             del self.staged[part]
+            self._staged_headers.pop(part, None)
         return done
+
+    def _shape(self, name: str, ready: Mapping[str, torch.Tensor],
+               staged: Mapping[str, str]) -> tuple[torch.dtype, tuple[int, ...]]:
+        """A stored tensor's dtype and shape: the layout's for a tensor stored as it is, the
+        encoded tensor's own (its size depends on the mask) for a compressed weight's."""
+        if name in self.layout.shapes:
+            return self.layout.shapes[name]
+        if name in ready:
+            return ready[name].dtype, tuple(ready[name].shape)
+        part = staged[name]
+        if part not in self._staged_headers:
+            self._staged_headers[part] = read_header(self.folder / part)
+        entry = self._staged_headers[part][name]
+        return _dtype_of(entry["dtype"]), tuple(entry["shape"])
 
     def _write_shard(self, file: str, ready: Mapping[str, torch.Tensor],
                      staged: Mapping[str, str]) -> None:
@@ -284,12 +333,27 @@ class ShardWriter:
                 return ready[name]
             return read_tensor(self.folder / staged[name], name)
 
-        shapes = {name: self.layout.shapes[name] for name in self.layout.files[file]}
+        shapes = {name: self._shape(name, ready, staged)
+                  for weight in self.layout.files[file] for name in self._parts_of[weight]}
         self.written[file] = write_safetensors(self.folder / file, shapes, fetch)
 
     def missing(self) -> list[str]:
+        staged_weights = {self._weight_of[n] for n in self._stored_names()}
         return [name for file, names in self.layout.files.items() if file not in self.written
-                for name in names if name not in self._stored_names()]
+                for name in names if name not in staged_weights]
+
+    def index(self) -> dict:
+        """``model.safetensors.index.json``: every stored tensor's file, from the written
+        shards' headers (a compressed weight's stored tensors are named, not the weight)."""
+        weight_map, total = {}, 0
+        for file in self.layout.files:
+            for name, entry in read_header(self.folder / file).items():
+                weight_map[name] = file
+                start, end = entry["data_offsets"]
+                total += end - start
+        return {"metadata": {"total_parameters": self.layout.total_parameters,
+                             "total_size": total},
+                "weight_map": dict(sorted(weight_map.items()))}
 
     def finish(self) -> None:
         """Check every shard is written and write the index of a sharded checkpoint."""
@@ -299,7 +363,7 @@ class ShardWriter:
                                   f"received {', '.join(self.missing()[:5])}")
         if self.layout.is_sharded:
             (self.folder / INDEX_NAME).write_text(
-                json.dumps(self.layout.index(), indent=2, sort_keys=True) + "\n",
+                json.dumps(self.index(), indent=2, sort_keys=True) + "\n",
                 encoding="utf-8")
 
     def restore(self, staged: Mapping[str, dict], written: Mapping[str, str]) -> None:
@@ -307,9 +371,10 @@ class ShardWriter:
         self.written = dict(written)
 
 
-def write_state_dict(folder: Path, model: nn.Module, max_shard_size: int) -> None:
+def write_state_dict(folder: Path, model: nn.Module, max_shard_size: int,
+                     encodings: Mapping[str, WeightEncoding] | None = None) -> None:
     """The in-memory path: every tensor of ``model`` through one :class:`ShardWriter`."""
-    writer = ShardWriter(folder, checkpoint_layout(model, max_shard_size))
+    writer = ShardWriter(folder, checkpoint_layout(model, max_shard_size), encodings)
     writer.add(model.state_dict(), label="all")
     writer.finish()
 
@@ -333,5 +398,5 @@ def write_model_config(folder: Path, model: nn.Module) -> None:
 
 
 __all__ = ["CheckpointLayout", "INDEX_NAME", "ShardWriter", "WEIGHTS_NAME", "checkpoint_layout",
-           "file_sha256", "read_tensor", "tensor_bytes", "tensors_for_file", "write_model_config",
+           "file_sha256", "read_header", "read_tensor", "tensor_bytes", "tensors_for_file", "write_model_config",
            "write_safetensors", "write_state_dict"]
