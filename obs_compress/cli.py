@@ -169,6 +169,23 @@ def _parser() -> argparse.ArgumentParser:
                               "sparsity section records; none for an unstructured checkpoint)")
     inspect.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    convert = commands.add_parser(
+        "convert", help="rewrite a checkpoint folder in another weight format",
+        description=textwrap.fill(
+            "Rewrite a folder (ours in any format, or a dense Hugging Face folder of "
+            "safetensors) in another format, tensor by tensor, into a new folder; the source "
+            "is never modified (docs/FORMAT.md).", 88))
+    convert.add_argument("source", metavar="IN")
+    convert.add_argument("out", metavar="OUT")
+    convert.add_argument("--format", required=True, choices=("dense", "bitmask", "nm"))
+    convert.add_argument("--pattern", metavar="N:M",
+                         help="for --format nm: the N:M pattern (default: the one config.json's "
+                              "sparsity section records)")
+    convert.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                         help="largest safetensors shard (default: 2GB)")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace a non-empty existing OUT")
+
     recipe = commands.add_parser(
         "recipe", help="check a recipe and print it resolved, or print the recipe schema",
         description=textwrap.fill(
@@ -282,6 +299,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_convert(args: argparse.Namespace) -> int:
+    from .export.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.source, args.out, args.format, pattern=args.pattern,
+                             overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    print(f"wrote {out} (format {args.format})")
+    return 0
+
+
 def _run_recipe(args: argparse.Namespace) -> int:
     from .recipe import load_recipe, recipe_json_schema
 
@@ -310,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         command = {"prune": _run_prune, "eval": _run_eval, "inspect": _run_inspect,
-                   "recipe": _run_recipe}[args.command]
+                   "convert": _run_convert, "recipe": _run_recipe}[args.command]
         return command(args)
     except (ObsCompressError, _UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -124,6 +124,7 @@ def encode_nm(weight: torch.Tensor, n: int, m: int, *, axis: int = 1) -> dict[st
     if axis == 0:
         encoded = encode_nm(weight.T, n, m)
         encoded["pattern"] = torch.tensor([n, m, 0], dtype=torch.int64)
+        encoded["shape"] = torch.tensor(list(weight.shape), dtype=torch.int64)  # as stored
         return encoded
     if not (0 < n <= m <= 256):
         raise CheckpointFormatError(f"N:M pattern {n}:{m} needs 0 < n <= m <= 256")

@@ -1,0 +1,174 @@
+"""Read any of our folders tensor by tensor, and convert a folder to another weight format.
+
+:func:`read_stored_tensors` reads a safetensors checkpoint (dense, or ``bitmask``/``nm`` of
+docs/FORMAT.md) one file at a time and yields each tensor of the model by its stored weight
+name, a compressed weight decoded (:mod:`.formats`, every count checked against the file's
+size before anything is allocated). Nothing is unpickled.
+
+:func:`convert_checkpoint` (``obs-compress convert IN OUT --format ...``) rewrites a folder
+in another format through the one writer (:class:`.shards.ShardWriter`, dense layout from
+the model built on the meta device) into the one atomic output folder: ``IN`` is never
+written, ``OUT`` appears complete or not at all. The side files are carried over as
+``prune`` carries them, the recipe and report of the source kept, and the model card says
+the conversion. Which weights get encoded: the targets the source's ``sparsity`` section
+names, else every block-stack layer whose weight holds a zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import CheckpointFormatError, ModelLoadError
+from ..math.masks import parse_pattern
+from . import formats
+from .checkpoint import (CONFIG_NAME, RECIPE_NAME, REPORT_NAME, SPARSITY_KEY, _tool_version,
+                         atomic_output_dir, check_shard_size, resolve_nm_pattern,
+                         write_side_files)
+from .encoding import decode_weight, encoded_weights, plan_encodings
+from .shards import ShardWriter, checkpoint_layout
+
+logger = logging.getLogger(__name__)
+
+
+def read_stored_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """``(weight name, dense tensor, format it was stored in)`` for every tensor of the
+    checkpoint, file by file (one file's tensors open at a time)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"checkpoint {str(folder)!r} holds no *.safetensors files")
+    for path in files:
+        size = path.stat().st_size
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+            encoded = encoded_weights(names)
+            parts = {name for weight, format in encoded.items()
+                     for name in formats.stored_names(weight, format).values()}
+            for name in names:
+                if name not in parts:
+                    yield name, handle.get_tensor(name), "dense"
+            for weight, format in sorted(encoded.items()):
+                stored = {name: handle.get_tensor(name)
+                          for name in formats.stored_names(weight, format).values()}
+                yield weight, decode_weight(weight, format, stored, file_size=size), format
+
+
+def _source_format(config: dict) -> str:
+    section = config.get(formats.QUANTIZATION_CONFIG_KEY)
+    if not section:
+        return "dense"
+    if section.get(formats.QUANT_METHOD_KEY) != formats.QUANT_METHOD:
+        raise ModelLoadError(f"the checkpoint is quantized ({section.get('quant_method')}); "
+                             "convert reads dense and obs_sparse folders only")
+    return formats.check_format(section.get(formats.FORMAT_KEY))
+
+
+def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, format: str, *,
+                       pattern: str | None = None, overwrite: bool = False,
+                       max_shard_size: int | str = "2GB") -> Path:
+    """Write the checkpoint in ``source`` to ``out_dir`` in ``format`` (see the module).
+    ``pattern``: the N:M pattern for ``nm`` when the source's sparsity section does not
+    record one. Returns the output folder."""
+    from transformers import AutoConfig
+
+    from ..model.blocks import find_block_stack, find_layers
+    from ..model.loading import _model_class
+    from ..model.streaming import parameters_on_meta, resolve_dtype, safetensors_files
+
+    formats.check_format(format)
+    folder = Path(source).expanduser().resolve()
+    if not (folder / CONFIG_NAME).is_file():
+        raise ModelLoadError(f"{folder} has no config.json: not a Hugging Face model folder")
+    shard_bytes = check_shard_size(max_shard_size)
+    data = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    source_format = _source_format(data)
+    section = data.get(SPARSITY_KEY)
+    config = AutoConfig.from_pretrained(str(folder))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # ours: the weights are decoded here
+    dtype = resolve_dtype(config, None, folder, safetensors_files(folder))
+    with parameters_on_meta():
+        model = _model_class(config, False)._from_config(config, dtype=dtype)
+    model.eval()
+    layout = checkpoint_layout(model, shard_bytes)
+    layer_of = {f"{layer.name}.weight": layer.name
+                for index, block in enumerate(find_block_stack(model).modules)
+                for layer in find_layers(block, find_block_stack(model).block_name(index))}
+
+    # One pass over the files to find the targets and their zeros (the encodings must be
+    # known before the writer starts).
+    targets = list(section.get("targets", [])) if isinstance(section, dict) else None
+    zeros = total = 0
+    found_targets = []
+    dense_names = set()
+    for name, tensor, _ in read_stored_tensors(folder):
+        dense_names.add(name)
+        layer = layer_of.get(layout.sources.get(name, ""))
+        if layer is None or (targets is not None and layer not in targets):
+            continue
+        count = int((tensor == 0).sum())
+        zeros += count
+        total += tensor.numel()
+        if count:
+            found_targets.append(layer)
+    if targets is None:
+        targets = sorted(found_targets)
+    missing = [stored for stored in layout.sources if stored not in dense_names]
+    if missing:
+        raise ModelLoadError(f"{folder} holds no tensor for {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+    recorded = (section or {}).get("patterns") or {}
+    nm = resolve_nm_pattern(format, [p for p in recorded if p != "unstructured"] or [],
+                            (section or {}).get("pattern"), pattern)
+    if nm is None and pattern is not None:
+        parse_pattern(pattern)  # an unreadable --pattern is refused for every format
+    encodings = plan_encodings(model, layout.sources, format, targets, nm)
+    if section is None:
+        section = {"tool": f"obs_compress {_tool_version()}", "method": None, "pattern": None,
+                   "sparsity": None, "global_sparsity": zeros / total if total else 0.0,
+                   "patterns": {}, "overrides": [], "targets": targets}
+    recipe = None
+    if (folder / RECIPE_NAME).is_file():
+        from ..recipe import load_recipe
+
+        recipe = load_recipe(folder / RECIPE_NAME)
+    report: Any = None
+    if (folder / REPORT_NAME).is_file():
+        report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
+
+    with atomic_output_dir(out_dir, overwrite=overwrite, source=folder) as partial:
+        writer = ShardWriter(partial, layout, encodings)
+        wanted = {stored: layout.file_of()[stored] for stored in layout.sources}
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor, _ in read_stored_tensors(folder):
+            if name not in wanted:
+                continue
+            expected_dtype, dtype_shape = layout.shapes[name]
+            if tuple(tensor.shape) != tuple(dtype_shape):
+                raise CheckpointFormatError(
+                    f"{name}: stored shape {tuple(tensor.shape)}, the model's config needs "
+                    f"{tuple(dtype_shape)}")
+            if tensor.is_floating_point() and tensor.dtype != expected_dtype:
+                tensor = tensor.to(expected_dtype)
+            file = wanted[name]
+            pending.setdefault(file, {})[layout.sources[name]] = tensor
+            if len(pending[file]) == len(layout.files[file]):
+                writer.add(pending.pop(file), label=f"file-{len(writer.written):05d}")
+        writer.finish()
+        note = (f"Converted by `obs-compress convert` from `{folder.name}` (format "
+                f"`{source_format}`) to format `{format}`; the weights are unchanged.")
+        write_side_files(partial, model, source=folder, recipe=recipe, report=report,
+                         encodings=encodings, section=section, card_note=note)
+    out = Path(out_dir).expanduser().resolve()
+    logger.info("converted %s (%s) to %s (%s)", folder, source_format, out, format)
+    return out
+
+
+__all__ = ["convert_checkpoint", "read_stored_tensors"]
