@@ -290,10 +290,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
             "pattern": str(result.pattern) if result.pattern is not None else None,
             "recorded_patterns": dict(result.recorded),
             "global_sparsity": result.global_sparsity, "sparsity_section": result.section,
+            "format": result.format, "stored_bytes": result.stored_bytes,
+            "dense_bytes": result.dense_bytes,
             "tensors": [{"name": t.name, "shape": list(t.shape), "sparsity": t.sparsity,
                          "nm": t.nm_axis is not None if result.pattern is not None else None,
                          "nm_axis": t.nm_axis,
-                         "target": t.target} for t in result.tensors]}, indent=2))
+                         "target": t.target, "format": t.format,
+                         "stored_bytes": t.stored_bytes, "dense_bytes": t.dense_bytes}
+                        for t in result.tensors]}, indent=2))
     else:
         print(result.table())
     return 0

@@ -36,28 +36,40 @@ from .shards import ShardWriter, checkpoint_layout
 logger = logging.getLogger(__name__)
 
 
+def read_file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str, int]]:
+    """``(weight name, dense tensor, format it was stored in, stored bytes)`` for every
+    tensor of one safetensors file, a compressed weight decoded."""
+    from safetensors import safe_open
+
+    from .shards import read_header
+
+    size = path.stat().st_size
+    entries = read_header(path)
+    nbytes = {name: e["data_offsets"][1] - e["data_offsets"][0] for name, e in entries.items()}
+    with safe_open(str(path), framework="pt") as handle:
+        names = list(handle.keys())
+        encoded = encoded_weights(names)
+        parts = {name for weight, format in encoded.items()
+                 for name in formats.stored_names(weight, format).values()}
+        for name in names:
+            if name not in parts:
+                yield name, handle.get_tensor(name), "dense", nbytes[name]
+        for weight, format in sorted(encoded.items()):
+            names_of = list(formats.stored_names(weight, format).values())
+            stored = {name: handle.get_tensor(name) for name in names_of}
+            yield (weight, decode_weight(weight, format, stored, file_size=size), format,
+                   sum(nbytes[name] for name in names_of))
+
+
 def read_stored_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor, str]]:
     """``(weight name, dense tensor, format it was stored in)`` for every tensor of the
     checkpoint, file by file (one file's tensors open at a time)."""
-    from safetensors import safe_open
-
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"checkpoint {str(folder)!r} holds no *.safetensors files")
     for path in files:
-        size = path.stat().st_size
-        with safe_open(str(path), framework="pt") as handle:
-            names = list(handle.keys())
-            encoded = encoded_weights(names)
-            parts = {name for weight, format in encoded.items()
-                     for name in formats.stored_names(weight, format).values()}
-            for name in names:
-                if name not in parts:
-                    yield name, handle.get_tensor(name), "dense"
-            for weight, format in sorted(encoded.items()):
-                stored = {name: handle.get_tensor(name)
-                          for name in formats.stored_names(weight, format).values()}
-                yield weight, decode_weight(weight, format, stored, file_size=size), format
+        for name, tensor, format, _ in read_file_tensors(path):
+            yield name, tensor, format
 
 
 def _source_format(config: dict) -> str:
@@ -171,4 +183,4 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, fo
     return out
 
 
-__all__ = ["convert_checkpoint", "read_stored_tensors"]
+__all__ = ["convert_checkpoint", "read_file_tensors", "read_stored_tensors"]

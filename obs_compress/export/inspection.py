@@ -13,6 +13,7 @@ and says so.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,11 +21,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
-
 from ..errors import InvalidArgument, ModelLoadError
 from ..math.masks import Pattern, parse_pattern
+from . import formats
 from .checkpoint import read_sparsity_section
+from .convert import read_file_tensors
 
 
 @dataclass
@@ -35,6 +36,9 @@ class TensorSparsity:
     nm_axis: int | None  # the axis along which the N:M pattern holds; None: it does not, or
     # no pattern was checked
     target: bool  # listed among the pruned targets in config.json
+    format: str = "dense"  # how it is stored (docs/FORMAT.md)
+    stored_bytes: int = 0  # bytes of its stored tensors in the file
+    dense_bytes: int = 0  # bytes it takes dense
 
     @property
     def numel(self) -> int:
@@ -54,6 +58,9 @@ class CheckpointSparsity:
     # What config.json records about the N:M patterns: pattern -> number of layers (None
     # where only the recipe's pattern is recorded); the ones not checked are named.
     recorded: Mapping[str, int | None] = field(default_factory=dict)
+    format: str = "dense"  # the folder's weight format (config.json's quantization_config)
+    stored_bytes: int = 0  # every tensor of the safetensors files
+    dense_bytes: int = 0  # the same tensors dense
 
     @property
     def targets(self) -> list[TensorSparsity]:
@@ -69,7 +76,8 @@ class CheckpointSparsity:
     def table(self) -> str:
         width = max([len("tensor")] + [len(t.name) for t in self.tensors])
         nm_header = f"  {str(self.pattern) + ' holds':>12}" if self.pattern is not None else ""
-        header = f"{'tensor':<{width}}  {'shape':>11}  {'sparsity':>8}{nm_header}  target"
+        header = (f"{'tensor':<{width}}  {'shape':>11}  {'sparsity':>8}{nm_header}  "
+                  f"{'stored':>8}  {'x dense':>7}  target")
         lines = [header, "-" * len(header)]
         for t in self.tensors:
             shape = "x".join(str(s) for s in t.shape)
@@ -78,7 +86,9 @@ class CheckpointSparsity:
                 held = "no" if t.nm_axis is None else ("yes" if t.nm_axis == len(t.shape) - 1
                                                        else f"yes (axis {t.nm_axis})")
                 nm = f"  {held:>12}"
+            ratio = t.stored_bytes / t.dense_bytes if t.dense_bytes else 1.0
             lines.append(f"{t.name:<{width}}  {shape:>11}  {t.sparsity:>8.4f}{nm}  "
+                         f"{_size(t.stored_bytes):>8}  {ratio:>7.3f}  "
                          f"{'yes' if t.target else ''}")
         lines.append("-" * len(header))
         summary = (f"{len(self.targets)} target tensors: global sparsity "
@@ -95,11 +105,25 @@ class CheckpointSparsity:
         if others:
             lines.append(f"also recorded, not checked: {', '.join(others)} "
                          "(--pattern N:M checks another)")
+        pruned_stored = sum(t.stored_bytes for t in self.targets)
+        pruned_dense = sum(t.dense_bytes for t in self.targets)
+        lines.append(
+            f"format {self.format}: target weights stored {_size(pruned_stored)} of "
+            f"{_size(pruned_dense)} dense ({pruned_stored / max(pruned_dense, 1):.3f}x); all "
+            f"tensors {_size(self.stored_bytes)} of {_size(self.dense_bytes)} "
+            f"({self.stored_bytes / max(self.dense_bytes, 1):.3f}x)")
         if self.section:
             lines.append(f"config.json sparsity: method={self.section.get('method')} "
                          f"pattern={self.section.get('pattern')} "
                          f"global_sparsity={self.section.get('global_sparsity')}")
         return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f}{unit}"
+    return f"{nbytes}B"
 
 
 def _natural_key(name: str) -> list:
@@ -162,19 +186,24 @@ def inspect_checkpoint(folder: str | os.PathLike, *,
     targets = {f"{name}.weight" for name in (section or {}).get("targets", [])}
     result = CheckpointSparsity(folder=path, pattern=checked, section=section,
                                 recorded=recorded)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8")) \
+        if (path / "config.json").is_file() else {}
+    quantization = config.get(formats.QUANTIZATION_CONFIG_KEY) or {}
+    if quantization.get(formats.QUANT_METHOD_KEY) == formats.QUANT_METHOD:
+        result.format = formats.check_format(quantization.get(formats.FORMAT_KEY))
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if not name.endswith("weight"):
-                    continue
-                tensor = handle.get_tensor(name)
-                if tensor.ndim != 2 or not tensor.is_floating_point():
-                    continue
-                axis = None if checked is None else next(
-                    (a for a in (1, 0) if nm_holds(tensor, checked, a)), None)
-                result.tensors.append(TensorSparsity(
-                    name=name, shape=tuple(tensor.shape), zeros=int((tensor == 0).sum()),
-                    nm_axis=axis, target=name in targets))
+        for name, tensor, format, stored in read_file_tensors(file):
+            dense = tensor.numel() * tensor.element_size()
+            result.stored_bytes += stored
+            result.dense_bytes += dense
+            if not name.endswith("weight") or tensor.ndim != 2 or not tensor.is_floating_point():
+                continue
+            axis = None if checked is None else next(
+                (a for a in (1, 0) if nm_holds(tensor, checked, a)), None)
+            result.tensors.append(TensorSparsity(
+                name=name, shape=tuple(tensor.shape), zeros=int((tensor == 0).sum()),
+                nm_axis=axis, target=name in targets, format=format, stored_bytes=stored,
+                dense_bytes=dense))
     result.tensors.sort(key=lambda t: _natural_key(t.name))
     return result
 
