@@ -213,3 +213,38 @@ def test_inspect_shows_format_and_sizes(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "bitmask")]) == 0
     text = capsys.readouterr().out
     assert "format bitmask" in text and "stored" in text
+
+
+def test_a_restored_writer_finishes_a_compressed_checkpoint_to_the_same_bytes(tmp_path):
+    """A resumed run: the staged (encoded) tensors of a first writer are picked up by a
+    second one, whose shapes come from the staging files' headers."""
+    from obs_compress.export.checkpoint import resolve_nm_pattern
+    from obs_compress.export.encoding import plan_encodings
+    from obs_compress.export.shards import STAGING_DIR, ShardWriter, checkpoint_layout
+
+    model = tiny_model("gpt2", layers=3)
+    report = _prune_in_memory(model, "2:4")
+    layout = checkpoint_layout(model, 40_000)
+    encodings = plan_encodings(model, layout.sources, "nm", [s.name for s in report.layers],
+                               resolve_nm_pattern("nm", ["2:4"]))
+    state = model.state_dict()
+    names = list(state)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    writer = ShardWriter(whole, layout, encodings)
+    writer.add(state, label="all")
+    writer.finish()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    first = ShardWriter(parts, layout, encodings)
+    first.add({n: state[n] for n in names[: len(names) // 2 + 1]}, label="a")
+    assert first.staged and first.written != {}
+    second = ShardWriter(parts, layout, encodings)
+    second.restore(first.staged, first.written)
+    second.add({n: state[n] for n in names[len(names) // 2 + 1:]}, label="b")
+    second.finish()
+    for file in layout.files:
+        assert (parts / file).read_bytes() == (whole / file).read_bytes()
+    assert ((parts / "model.safetensors.index.json").read_bytes()
+            == (whole / "model.safetensors.index.json").read_bytes())
+    assert (parts / STAGING_DIR).is_dir()  # the caller deletes the consumed staging files
