@@ -37,7 +37,7 @@ from ..model.blocks import find_block_stack, find_layers
 from . import formats
 from .encoding import WeightEncoding, plan_encodings, quantization_section
 from .model_card import write_model_card
-from .shards import ShardWriter, checkpoint_layout, write_model_config
+from .shards import checkpoint_layout, write_model_config, write_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +343,8 @@ def write_folder_contents(folder: Path, model: nn.Module, *, tokenizer: Any = No
     the targets are the report's layers, else the block-stack layers holding zeros)."""
     formats.check_format(format)
     with _as_plain_weights(model):
-        layout = checkpoint_layout(model, check_shard_size(max_shard_size))
+        shard_bytes = check_shard_size(max_shard_size)
+        layout = checkpoint_layout(model, shard_bytes)
         encodings = {}
         if format != "dense":
             section = sparsity_section(model, recipe=recipe, report=report)
@@ -351,9 +352,7 @@ def write_folder_contents(folder: Path, model: nn.Module, *, tokenizer: Any = No
             recipe_dict = recipe.to_dict() if hasattr(recipe, "to_dict") else (recipe or {})
             nm = resolve_nm_pattern(format, layer_patterns, recipe_dict.get("pattern"), pattern)
             encodings = plan_encodings(model, layout.sources, format, section["targets"], nm)
-        writer = ShardWriter(folder, layout, encodings)
-        writer.add(model.state_dict(), label="all")
-        writer.finish()
+        write_state_dict(folder, model, shard_bytes, encodings, layout=layout)
         write_side_files(folder, model, tokenizer=tokenizer, source=source, recipe=recipe,
                          report=report, encodings=encodings)
 

@@ -372,9 +372,11 @@ class ShardWriter:
 
 
 def write_state_dict(folder: Path, model: nn.Module, max_shard_size: int,
-                     encodings: Mapping[str, WeightEncoding] | None = None) -> None:
-    """The in-memory path: every tensor of ``model`` through one :class:`ShardWriter`."""
-    writer = ShardWriter(folder, checkpoint_layout(model, max_shard_size), encodings)
+                     encodings: Mapping[str, WeightEncoding] | None = None,
+                     layout: CheckpointLayout | None = None) -> None:
+    """The in-memory path: every tensor of ``model`` through one :class:`ShardWriter`
+    (``layout``: :func:`checkpoint_layout`'s, when the caller has it already)."""
+    writer = ShardWriter(folder, layout or checkpoint_layout(model, max_shard_size), encodings)
     writer.add(model.state_dict(), label="all")
     writer.finish()
 
