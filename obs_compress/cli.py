@@ -70,6 +70,8 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .export.formats import FORMATS
+
     parser = argparse.ArgumentParser(
         prog="obs-compress", description=_DESCRIPTION, epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="allow running modeling code shipped with the checkpoint")
     prune.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                        help="largest safetensors shard (default: 2GB)")
-    prune.add_argument("--format", choices=("dense", "bitmask", "nm"), default="dense",
+    prune.add_argument("--format", choices=FORMATS, default="dense",
                        help="how the pruned weights are stored: dense (zeros in place), "
                             "bitmask (packed mask + kept values) or nm (the recipe's N:M "
                             "pattern: kept values + positions); docs/FORMAT.md "
@@ -177,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
             "is never modified (docs/FORMAT.md).", 88))
     convert.add_argument("source", metavar="IN")
     convert.add_argument("out", metavar="OUT")
-    convert.add_argument("--format", required=True, choices=("dense", "bitmask", "nm"))
+    convert.add_argument("--format", required=True, choices=FORMATS)
     convert.add_argument("--pattern", metavar="N:M",
                          help="for --format nm: the N:M pattern (default: the one config.json's "
                               "sparsity section records)")

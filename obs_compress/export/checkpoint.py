@@ -345,16 +345,16 @@ def write_folder_contents(folder: Path, model: nn.Module, *, tokenizer: Any = No
     with _as_plain_weights(model):
         shard_bytes = check_shard_size(max_shard_size)
         layout = checkpoint_layout(model, shard_bytes)
+        section = sparsity_section(model, recipe=recipe, report=report)
         encodings = {}
         if format != "dense":
-            section = sparsity_section(model, recipe=recipe, report=report)
             layer_patterns = [layer.pattern for layer in report.layers] if report else []
             recipe_dict = recipe.to_dict() if hasattr(recipe, "to_dict") else (recipe or {})
             nm = resolve_nm_pattern(format, layer_patterns, recipe_dict.get("pattern"), pattern)
             encodings = plan_encodings(model, layout.sources, format, section["targets"], nm)
         write_state_dict(folder, model, shard_bytes, encodings, layout=layout)
         write_side_files(folder, model, tokenizer=tokenizer, source=source, recipe=recipe,
-                         report=report, encodings=encodings)
+                         report=report, encodings=encodings, section=section)
 
 
 def write_side_files(folder: Path, model: nn.Module, *, tokenizer: Any = None,
@@ -365,7 +365,8 @@ def write_side_files(folder: Path, model: nn.Module, *, tokenizer: Any = None,
     """Everything but the weights: config (with the ``sparsity`` section, and for a
     compressed format the ``quantization_config`` section naming the ``encodings``),
     generation config, the source's other files, the tokenizer, recipe and report.
-    ``section``: a ``sparsity`` section to write instead of measuring one (a conversion)."""
+    ``section``: the ``sparsity`` section when the caller has it (measured once before the
+    weights were written, or the source's for a conversion); else it is measured here."""
     encodings = dict(encodings or {})
     format = next(iter({e.format for e in encodings.values()}), "dense")
     write_model_config(folder, model)

@@ -46,19 +46,35 @@ def read_file_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, str, int]
     size = path.stat().st_size
     entries = read_header(path)
     nbytes = {name: e["data_offsets"][1] - e["data_offsets"][0] for name, e in entries.items()}
+    plain, encoded = _split_stored_names(entries)
     with safe_open(str(path), framework="pt") as handle:
-        names = list(handle.keys())
-        encoded = encoded_weights(names)
-        parts = {name for weight, format in encoded.items()
-                 for name in formats.stored_names(weight, format).values()}
-        for name in names:
-            if name not in parts:
-                yield name, handle.get_tensor(name), "dense", nbytes[name]
+        for name in plain:
+            yield name, handle.get_tensor(name), "dense", nbytes[name]
         for weight, format in sorted(encoded.items()):
             names_of = list(formats.stored_names(weight, format).values())
             stored = {name: handle.get_tensor(name) for name in names_of}
             yield (weight, decode_weight(weight, format, stored, file_size=size), format,
                    sum(nbytes[name] for name in names_of))
+
+
+def _split_stored_names(names) -> tuple[list[str], dict[str, str]]:
+    """A file's stored tensor names split into those stored as they are and the compressed
+    weights (weight name -> format) whose stored tensors make up the rest."""
+    encoded = encoded_weights(names)
+    parts = {name for weight, format in encoded.items()
+             for name in formats.stored_names(weight, format).values()}
+    return [name for name in names if name not in parts], encoded
+
+
+def _weight_names(folder: Path) -> set[str]:
+    """Every weight name a checkpoint stores, from its files' headers alone (no tensor read)."""
+    from .shards import read_header
+
+    names = set()
+    for path in sorted(folder.glob("*.safetensors")):
+        plain, encoded = _split_stored_names(read_header(path))
+        names.update(plain, encoded)
+    return names
 
 
 def read_stored_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor, str]]:
@@ -110,32 +126,32 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, fo
         model = _model_class(config, False)._from_config(config, dtype=dtype)
     model.eval()
     layout = checkpoint_layout(model, shard_bytes)
+    stack = find_block_stack(model)
     layer_of = {f"{layer.name}.weight": layer.name
-                for index, block in enumerate(find_block_stack(model).modules)
-                for layer in find_layers(block, find_block_stack(model).block_name(index))}
+                for index, block in enumerate(stack.modules)
+                for layer in find_layers(block, stack.block_name(index))}
 
-    # One pass over the files to find the targets and their zeros (the encodings must be
-    # known before the writer starts).
-    targets = list(section.get("targets", [])) if isinstance(section, dict) else None
-    zeros = total = 0
-    found_targets = []
-    dense_names = set()
-    for name, tensor, _ in read_stored_tensors(folder):
-        dense_names.add(name)
-        layer = layer_of.get(layout.sources.get(name, ""))
-        if layer is None or (targets is not None and layer not in targets):
-            continue
-        count = int((tensor == 0).sum())
-        zeros += count
-        total += tensor.numel()
-        if count:
-            found_targets.append(layer)
-    if targets is None:
-        targets = sorted(found_targets)
-    missing = [stored for stored in layout.sources if stored not in dense_names]
+    present = _weight_names(folder)
+    missing = [stored for stored in layout.sources if stored not in present]
     if missing:
         raise ModelLoadError(f"{folder} holds no tensor for {', '.join(missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}")
+    # The encodings must be known before the writer starts. A folder of ours names its
+    # targets; for any other, one pass over the files finds the layers holding zeros.
+    targets = list(section.get("targets", [])) if isinstance(section, dict) else None
+    zeros = total = 0
+    if targets is None:
+        found_targets = []
+        for name, tensor, _ in read_stored_tensors(folder):
+            layer = layer_of.get(layout.sources.get(name, ""))
+            if layer is None:
+                continue
+            count = int((tensor == 0).sum())
+            zeros += count
+            total += tensor.numel()
+            if count:
+                found_targets.append(layer)
+        targets = sorted(found_targets)
     recorded = (section or {}).get("patterns") or {}
     nm = resolve_nm_pattern(format, [p for p in recorded if p != "unstructured"] or [],
                             (section or {}).get("pattern"), pattern)
@@ -167,8 +183,11 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, fo
                 raise CheckpointFormatError(
                     f"{name}: stored shape {tuple(tensor.shape)}, the model's config needs "
                     f"{tuple(dtype_shape)}")
-            if tensor.is_floating_point() and tensor.dtype != expected_dtype:
-                tensor = tensor.to(expected_dtype)
+            if tensor.dtype != expected_dtype:
+                # a conversion changes the storage, never the values
+                raise CheckpointFormatError(
+                    f"{name}: stored as {tensor.dtype}, the model's config gives "
+                    f"{expected_dtype}; convert keeps every value as stored")
             file = wanted[name]
             pending.setdefault(file, {})[layout.sources[name]] = tensor
             if len(pending[file]) == len(layout.files[file]):

@@ -48,11 +48,9 @@ def encode_weight(name: str, tensor: torch.Tensor,
     try:
         if encoding.format == "bitmask":
             parts = formats.encode_bitmask(tensor)
-        elif encoding.format == "nm":
-            parts = formats.encode_nm(tensor, encoding.n, encoding.m, axis=encoding.axis)
         else:
-            formats.check_format(encoding.format)
-            raise CheckpointFormatError(f"format {encoding.format} encodes no weight")
+            formats.check_format(encoding.format)  # "nm" is the one format left
+            parts = formats.encode_nm(tensor, encoding.n, encoding.m, axis=encoding.axis)
     except CheckpointFormatError as exc:
         raise CheckpointFormatError(f"{name}: {exc}") from None
     names = formats.stored_names(name, encoding.format)

@@ -184,18 +184,6 @@ class CheckpointLayout:
     def file_of(self) -> dict[str, str]:
         return {name: file for file, names in self.files.items() for name in names}
 
-    def index(self) -> dict:
-        total = sum(_nbytes(dtype, shape) for dtype, shape in self.shapes.values())
-        return {"metadata": {"total_parameters": self.total_parameters, "total_size": total},
-                "weight_map": dict(sorted(self.file_of().items()))}
-
-
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count * torch.empty((), dtype=dtype).element_size()
-
 
 def checkpoint_layout(model: nn.Module, max_shard_size: int) -> CheckpointLayout:
     """The layout transformers' ``save_pretrained`` gives ``model``'s state dict, from its
@@ -400,5 +388,5 @@ def write_model_config(folder: Path, model: nn.Module) -> None:
 
 
 __all__ = ["CheckpointLayout", "INDEX_NAME", "ShardWriter", "WEIGHTS_NAME", "checkpoint_layout",
-           "file_sha256", "read_header", "read_tensor", "tensor_bytes", "tensors_for_file", "write_model_config",
-           "write_safetensors", "write_state_dict"]
+           "file_sha256", "read_header", "read_tensor", "tensor_bytes", "tensors_for_file",
+           "write_model_config", "write_safetensors", "write_state_dict"]
