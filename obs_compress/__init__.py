@@ -7,6 +7,12 @@ from .math import Curvature, HessianAccumulator, RecursiveInverseAccumulator
 
 __version__ = "0.1.0"
 
+# Stock ``from_pretrained`` loads our compressed folders once obs_compress is imported
+# (issue 12): the quantizer is registered now, which imports transformers' quantizer table.
+from .export.hf_quantizer import register as _register_quantizer  # noqa: E402
+
+_register_quantizer()
+
 # The pipeline pulls in transformers; it is imported on first use so that the math core
 # (prune_weight and the accumulators) stays a light import.
 _PIPELINE = {"oneshot": "api", "save_pretrained": "api", "load_pretrained": "api", "load_recipe": "recipe", "Recipe": "recipe",

@@ -53,7 +53,13 @@ def streaming_refusal(folder: Path | None, recipe: Any, calibration: Any,
     if not any(folder.glob("*.safetensors")):
         return "the folder holds no safetensors files"
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if config.get("quantization_config"):
+    section = config.get("quantization_config")
+    if section:
+        from .export import formats
+
+        if isinstance(section, dict) and section.get(formats.QUANT_METHOD_KEY) == formats.QUANT_METHOD:
+            return ("the checkpoint is stored compressed (obs_sparse); it is decoded as the "
+                    "whole model loads")
         return "the checkpoint is quantized"
     if recipe.block_sparsity.method == "owl":
         return "block_sparsity owl runs a dense pass over every block first"

@@ -150,7 +150,7 @@ def test_nm_refusals():
         encode_nm(torch.zeros(2, 6), 2, 4)
 
     good = encode_nm(_nm(4, 16, 2, 4, torch.float32), 2, 4)
-    with pytest.raises(CheckpointFormatError, match=r"w\.values is \(4, 7\)"):
+    with pytest.raises(CheckpointFormatError, match=r"w\.values is float32 \(4, 7\)"):
         decode_nm(dict(good, values=good["values"][:, :7]), name="w")
     with pytest.raises(CheckpointFormatError, match=r"w\.positions is"):
         decode_nm(dict(good, positions=good["positions"][:, :1]), name="w")

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -75,6 +75,77 @@ def _weight_names(folder: Path) -> set[str]:
         plain, encoded = _split_stored_names(read_header(path))
         names.update(plain, encoded)
     return names
+
+
+def check_compressed_files(files: Iterable[Path], format: str, targets: Iterable[str],
+                           expected: Mapping[str, tuple[int, ...]]) -> dict[str, Path]:
+    """Check a compressed checkpoint's files against its ``quantization_config`` and the
+    model before any weight is read; returns target weight -> the file holding it.
+
+    ``targets``: the stored weight names the section says are encoded in ``format``;
+    ``expected``: stored name -> the shape the model built from the config needs. From the
+    headers (each validated against its file's size by :func:`.shards.read_header`) and the
+    16-byte ``shape``/``pattern`` tensors alone: every target has all of its stored tensors,
+    in one file, of the dtypes and shapes its ``shape`` needs, and that shape is the model's;
+    no stored tensor belongs to a weight that is not a target or that the model lacks; no
+    weight is stored both dense and compressed. Refusals are :class:`CheckpointFormatError`
+    naming the tensor.
+    """
+    from .shards import dtype_of, read_header, read_tensor
+
+    if formats.check_format(format) == "dense":
+        raise CheckpointFormatError("a quantization_config section names format 'dense'; "
+                                    "dense folders carry no such section")
+    suffixes = set(formats.stored_names("w", format))
+    file_of: dict[str, Path] = {}
+    headers: dict[Path, dict[str, dict]] = {}
+    for path in files:
+        headers[path] = read_header(path)
+        for name in headers[path]:
+            if name in file_of:
+                raise CheckpointFormatError(f"{name} is stored in both {file_of[name].name} "
+                                            f"and {path.name}")
+            file_of[name] = path
+    targets = set(targets)
+    # Every stored tensor named like a part of a compressed weight must be one of a target.
+    for name in file_of:
+        weight, _, suffix = name.rpartition(".")
+        if suffix in suffixes and name not in expected and weight not in targets:
+            raise CheckpointFormatError(
+                f"{name}: a stored {format} tensor of {weight}, which config.json's "
+                f"quantization_config does not list among its targets")
+    located = {}
+    for weight in sorted(targets):
+        names = formats.stored_names(weight, format)
+        missing = [n for n in names.values() if n not in file_of]
+        if missing:
+            raise CheckpointFormatError(f"{weight}: its stored tensors {', '.join(missing)} are "
+                                        "missing from the checkpoint")
+        if weight not in expected:
+            raise CheckpointFormatError(f"{weight}: stored in {format}, but the model built "
+                                        "from config.json has no such weight")
+        if weight in file_of:
+            raise CheckpointFormatError(f"{weight} is stored both dense and in {format}")
+        path = file_of[names["shape"]]
+        if any(file_of[n] != path for n in names.values()):
+            raise CheckpointFormatError(f"{weight}: its stored tensors are split over files; "
+                                        "docs/FORMAT.md keeps them in one")
+        header = headers[path]
+        layout = {suffix: (dtype_of(header[n]["dtype"]), tuple(header[n]["shape"]))
+                  for suffix, n in names.items()}
+        # a ``shape`` tensor of the wrong kind is refused by check_layout from its meta twin
+        shape = read_tensor(path, names["shape"]) if layout["shape"] == (torch.int64, (2,)) \
+            else torch.empty(layout["shape"][1], dtype=layout["shape"][0], device="meta")
+        pattern = None
+        if format == "nm" and layout["pattern"][0] == torch.int64 \
+                and layout["pattern"][1] in ((2,), (3,)):
+            pattern = read_tensor(path, names["pattern"])
+        dims = formats.check_layout(format, weight, layout, shape, pattern)
+        if tuple(expected[weight]) != dims:
+            raise CheckpointFormatError(f"{weight}: stored shape {dims}, the model built from "
+                                        f"config.json needs {tuple(expected[weight])}")
+        located[weight] = path
+    return located
 
 
 def read_stored_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor, str]]:
@@ -202,4 +273,4 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, fo
     return out
 
 
-__all__ = ["convert_checkpoint", "read_file_tensors", "read_stored_tensors"]
+__all__ = ["check_compressed_files", "convert_checkpoint", "read_file_tensors", "read_stored_tensors"]

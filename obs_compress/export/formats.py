@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Mapping
 
 import torch
 from obs_compress_kernels.bitmask import pack_bitmask_torch, unpack_bitmask
@@ -157,15 +158,13 @@ def encode_nm(weight: torch.Tensor, n: int, m: int, *, axis: int = 1) -> dict[st
     }
 
 
-def _get(stored: dict[str, torch.Tensor], format: str, name: str) -> dict[str, torch.Tensor]:
+def _get(stored: Mapping[str, object], format: str, name: str) -> None:
     missing = [s for s in _SUFFIXES[format] if s not in stored]
     if missing:
         raise CheckpointFormatError(f"{name}: {format} tensors {', '.join(missing)} are missing")
-    return stored
 
 
-def _shape(stored: dict[str, torch.Tensor], name: str) -> tuple[int, int]:
-    shape = stored["shape"]
+def _shape(shape: torch.Tensor, name: str) -> tuple[int, int]:
     if shape.dtype != torch.int64 or shape.shape != (2,):
         raise CheckpointFormatError(f"{name}.shape must be int64 of 2 entries, got {shape.dtype} {tuple(shape.shape)}")
     rows, cols = (int(v) for v in shape)
@@ -174,9 +173,67 @@ def _shape(stored: dict[str, torch.Tensor], name: str) -> tuple[int, int]:
     return rows, cols
 
 
-def _check_values_dtype(values: torch.Tensor, name: str) -> None:
-    if values.dtype not in ALLOWED_DTYPES:
-        raise CheckpointFormatError(f"{name}.values has dtype {values.dtype}, not one of {ALLOWED_DTYPES}")
+def _pattern(pattern: torch.Tensor, name: str) -> tuple[int, int, int]:
+    """``(n, m, axis)`` of an ``nm`` weight's ``pattern`` tensor."""
+    if pattern.dtype != torch.int64 or pattern.shape not in ((2,), (3,)):
+        raise CheckpointFormatError(f"{name}.pattern must be int64 of 2 or 3 entries")
+    if pattern.shape == (3,) and int(pattern[2]) != 0:
+        raise CheckpointFormatError(f"{name}.pattern's third entry (the axis) must be 0")
+    n, m = (int(v) for v in pattern[:2])
+    if not 0 < n <= m <= 256:
+        raise CheckpointFormatError(f"{name}: pattern {n}:{m} needs 0 < n <= m <= 256")
+    return n, m, 0 if pattern.shape == (3,) else 1
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+StoredLayout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]  # suffix -> (dtype, shape)
+
+
+def check_layout(format: str, name: str, layout: StoredLayout, shape: torch.Tensor,
+                 pattern: torch.Tensor | None = None) -> tuple[int, int]:
+    """Check the dtype and shape of every stored tensor of weight ``name`` (``layout``: from
+    a file's header, or of the tensors themselves) against its ``shape`` tensor (and, for
+    ``nm``, its ``pattern`` tensor), before any data is read. Returns the dense
+    ``(rows, cols)``; refuses with :class:`CheckpointFormatError` naming the tensor."""
+    _get(layout, check_format(format), name)
+
+    def expect(suffix: str, dtype: torch.dtype, dims: tuple[int, ...]) -> None:
+        got_dtype, got_dims = layout[suffix]
+        if got_dtype != dtype or tuple(got_dims) != dims:
+            raise CheckpointFormatError(
+                f"{name}.{suffix} is {_dtype_name(got_dtype)} {tuple(got_dims)}, the shape "
+                f"{rows}x{cols} needs {_dtype_name(dtype)} {dims}")
+
+    rows, cols = _shape(shape, name)
+    values_dtype, values_dims = layout["values"]
+    if values_dtype not in ALLOWED_DTYPES:
+        raise CheckpointFormatError(f"{name}.values has dtype {values_dtype}, not one of {ALLOWED_DTYPES}")
+    expect("shape", torch.int64, (2,))
+    expect("crc32", torch.int64, (1,))
+    if format == "bitmask":
+        expect("bitmask", torch.uint8, (rows, (cols + 7) // 8))
+        if len(values_dims) != 1 or values_dims[0] > rows * cols:
+            raise CheckpointFormatError(f"{name}.values is {tuple(values_dims)}, the shape "
+                                        f"{rows}x{cols} holds at most {rows * cols} entries in 1-D")
+        return rows, cols
+    if pattern is None:
+        raise CheckpointFormatError(f"{name}: nm tensors pattern are missing")
+    n, m, axis = _pattern(pattern, name)
+    expect("pattern", torch.int64, (2,) if axis == 1 else (3,))
+    grouped_rows, grouped_cols = (rows, cols) if axis == 1 else (cols, rows)
+    if grouped_cols % m:
+        raise CheckpointFormatError(f"{name}: pattern {n}:{m} does not fit {grouped_cols} columns")
+    per_row = grouped_cols // m * n
+    expect("values", values_dtype, (grouped_rows, per_row))
+    expect("positions", torch.uint8, (grouped_rows, (per_row * _position_bits(m) + 7) // 8))
+    return rows, cols
+
+
+def _layout_of(stored: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {suffix: (t.dtype, tuple(t.shape)) for suffix, t in stored.items()}
 
 
 def _check_file_size(name: str, file_size: int | None, *tensors: torch.Tensor) -> None:
@@ -190,29 +247,17 @@ def _check_file_size(name: str, file_size: int | None, *tensors: torch.Tensor) -
         )
 
 
-def _check_crc(stored: dict[str, torch.Tensor], index: torch.Tensor, values: torch.Tensor, name: str) -> None:
-    crc = stored["crc32"]
-    if crc.dtype != torch.int64 or crc.numel() != 1:
-        raise CheckpointFormatError(f"{name}.crc32 must be one int64, got {crc.dtype} {tuple(crc.shape)}")
-    if int(crc.reshape(())) != int(_crc(index, values)[0]):
+def _check_crc(stored: Mapping[str, torch.Tensor], index: torch.Tensor, values: torch.Tensor, name: str) -> None:
+    if int(stored["crc32"].reshape(())) != int(_crc(index, values)[0]):
         raise CheckpointFormatError(f"{name}: checksum mismatch (crc32 of the stored bytes differs)")
 
 
-def decode_bitmask(stored: dict[str, torch.Tensor], *, name: str, file_size: int | None = None) -> torch.Tensor:
+def decode_bitmask(stored: Mapping[str, torch.Tensor], *, name: str, file_size: int | None = None) -> torch.Tensor:
     """The dense weight from its ``bitmask`` tensors (keyed by suffix), every count checked first."""
     _get(stored, "bitmask", name)
-    rows, cols = _shape(stored, name)
+    rows, cols = check_layout("bitmask", name, _layout_of(stored), stored["shape"])
     packed, values = stored["bitmask"], stored["values"]
-    _check_values_dtype(values, name)
     _check_file_size(name, file_size, packed, values)
-    expected = (rows, (cols + 7) // 8)
-    if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
-        raise CheckpointFormatError(
-            f"{name}.bitmask is {packed.dtype} {tuple(packed.shape)}, the shape {rows}x{cols}"
-            f" needs uint8 {expected}"
-        )
-    if values.dim() != 1:
-        raise CheckpointFormatError(f"{name}.values must be 1-D, got {tuple(values.shape)}")
     mask = unpack_bitmask(packed, cols)
     kept = int(mask.sum())
     # Bits past the last column must be clear, else the popcount lies about the kept count.
@@ -228,33 +273,16 @@ def decode_bitmask(stored: dict[str, torch.Tensor], *, name: str, file_size: int
     return dense
 
 
-def decode_nm(stored: dict[str, torch.Tensor], *, name: str, file_size: int | None = None) -> torch.Tensor:
+def decode_nm(stored: Mapping[str, torch.Tensor], *, name: str, file_size: int | None = None) -> torch.Tensor:
     """The dense weight from its ``nm`` tensors (keyed by suffix), every count checked first."""
     _get(stored, "nm", name)
-    rows, cols = _shape(stored, name)
-    pattern, values, positions = stored["pattern"], stored["values"], stored["positions"]
-    if pattern.dtype != torch.int64 or pattern.shape not in ((2,), (3,)):
-        raise CheckpointFormatError(f"{name}.pattern must be int64 of 2 or 3 entries")
-    if pattern.shape == (3,):
-        if int(pattern[2]) != 0:
-            raise CheckpointFormatError(f"{name}.pattern's third entry (the axis) must be 0")
-        rows, cols = cols, rows  # groups along the rows: the transpose was encoded
-    n, m = (int(v) for v in pattern[:2])
-    if not (0 < n <= m <= 256) or cols % m:
-        raise CheckpointFormatError(f"{name}: pattern {n}:{m} does not fit {cols} columns")
-    _check_values_dtype(values, name)
+    check_layout("nm", name, _layout_of(stored), stored["shape"], stored["pattern"])
+    n, m, axis = _pattern(stored["pattern"], name)
+    values, positions = stored["values"], stored["positions"]
     _check_file_size(name, file_size, positions, values)
-    per_row = cols // m * n
-    if tuple(values.shape) != (rows, per_row):
-        raise CheckpointFormatError(
-            f"{name}.values is {tuple(values.shape)}, the shape {rows}x{cols} at {n}:{m} needs {(rows, per_row)}"
-        )
+    rows, per_row = values.shape
+    cols = per_row // n * m
     b = _position_bits(m)
-    expected = (rows, (per_row * b + 7) // 8)
-    if positions.dtype != torch.uint8 or tuple(positions.shape) != expected:
-        raise CheckpointFormatError(
-            f"{name}.positions is {positions.dtype} {tuple(positions.shape)}, needs uint8 {expected}"
-        )
     _check_crc(stored, positions, values, name)
     bits = unpack_bitmask(positions, per_row * b).reshape(rows, -1, b).to(torch.int64)
     index = (bits << torch.arange(b)).sum(-1).reshape(rows, cols // m, n)
@@ -266,4 +294,4 @@ def decode_nm(stored: dict[str, torch.Tensor], *, name: str, file_size: int | No
     dense = torch.zeros(rows, cols // m, m, dtype=values.dtype)
     dense.scatter_(-1, index, values.reshape(rows, cols // m, n))
     dense = dense.reshape(rows, cols)
-    return dense.T.contiguous() if pattern.shape == (3,) else dense
+    return dense.T.contiguous() if axis == 0 else dense

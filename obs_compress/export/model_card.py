@@ -108,11 +108,26 @@ def model_card(sparsity: Mapping[str, Any], *, recipe: Mapping[str, Any] | None 
     if not measured:
         lines.append("- Nothing: no perplexity was measured and no loss predicted "
                      "(`obs-compress eval --model DIR` measures perplexity).")
-    lines += ["", "## Loading", "",
-              "```python",
-              "from transformers import AutoModelForCausalLM",
-              "model = AutoModelForCausalLM.from_pretrained(\"DIR\")  # no extra code needed",
-              "```", ""]
+    format = sparsity.get("format") or "dense"
+    if format == "dense":
+        lines += ["", "## Loading", "",
+                  "```python",
+                  "from transformers import AutoModelForCausalLM",
+                  "model = AutoModelForCausalLM.from_pretrained(\"DIR\")  # no extra code needed",
+                  "```", ""]
+    else:
+        lines += ["", "## Loading", "",
+                  f"The pruned weights are stored in the `{format}` format (`quant_method: "
+                  "obs_sparse` in `config.json`, docs/FORMAT.md of obs_compress). Import "
+                  "obs_compress first: it registers the format with transformers, which then "
+                  "decodes the weights as it reads them into a dense model. Without the import, "
+                  "transformers does not know the format and initialises those weights at "
+                  "random.", "",
+                  "```python",
+                  "import obs_compress  # registers the obs_sparse format",
+                  "from transformers import AutoModelForCausalLM",
+                  "model = AutoModelForCausalLM.from_pretrained(\"DIR\")",
+                  "```", ""]
     if source_body.strip():
         lines += ["## Source model card", "", source_body.rstrip(), ""]
     return "\n".join(header + lines)

@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..errors import InvalidArgument
+from ..errors import CheckpointFormatError, InvalidArgument
 from .encoding import WeightEncoding, encode_weight
 from .formats import stored_names
 
@@ -124,16 +124,70 @@ def write_safetensors(path: Path, shapes: Mapping[str, tuple[torch.dtype, tuple[
     return digest.hexdigest()
 
 
+# A safetensors header is JSON naming a few thousand tensors at most; a larger length field
+# is corruption, refused before it is read into memory (safetensors' own limit is 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+
 def read_header(path: Path) -> dict[str, dict]:
-    """A safetensors file's header: tensor name -> ``{"dtype", "shape", "data_offsets"}``."""
+    """A safetensors file's header: tensor name -> ``{"dtype", "shape", "data_offsets"}``.
+
+    Every entry is checked against the file's size before anything else is read: the header
+    length, each tensor's dtype, its shape times the element size against its offsets, and
+    the offsets against the data actually in the file (a truncated file is refused naming
+    the first tensor past its end). Refusals are :class:`CheckpointFormatError`.
+    """
+    size = path.stat().st_size
     with path.open("rb") as handle:
-        length = struct.unpack("<Q", handle.read(8))[0]
-        header = json.loads(handle.read(length))
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointFormatError(f"{path.name}: {size} bytes, too short to be a "
+                                        "safetensors file (truncated?)")
+        length = struct.unpack("<Q", prefix)[0]
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointFormatError(f"{path.name}: the header claims {length} bytes, the "
+                                        f"file holds {size} (truncated or not safetensors)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointFormatError(f"{path.name}: the header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path.name}: the header is not a JSON object")
     header.pop("__metadata__", None)
+    data_bytes = size - 8 - length
+    for name, entry in header.items():
+        _check_entry(path.name, name, entry, data_bytes)
     return header
 
 
-def _dtype_of(code: str) -> torch.dtype:
+def _check_entry(file: str, name: str, entry: object, data_bytes: int) -> None:
+    """One header entry's dtype, shape and offsets against each other and the file."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointFormatError(f"{file}: tensor {name}: malformed header entry {entry!r}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _DTYPE_NAMES.values():
+        raise CheckpointFormatError(f"{file}: tensor {name}: dtype {dtype!r} is not one of "
+                                    f"{', '.join(_DTYPE_NAMES.values())}")
+    if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise CheckpointFormatError(f"{file}: tensor {name}: malformed shape {shape!r} or "
+                                    f"offsets {offsets!r}")
+    nbytes = torch.empty((), dtype=dtype_of(dtype)).element_size()
+    for dim in shape:
+        nbytes *= dim
+    if offsets[1] - offsets[0] != nbytes:
+        raise CheckpointFormatError(
+            f"{file}: tensor {name}: shape {shape} of {dtype} needs {nbytes} bytes, its "
+            f"offsets span {offsets[1] - offsets[0]}")
+    if offsets[1] > data_bytes:
+        raise CheckpointFormatError(
+            f"{file}: tensor {name} ends at byte {offsets[1]} of the data, the file holds "
+            f"{data_bytes} (truncated file)")
+
+
+def dtype_of(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code (``"F32"``)."""
     return next(d for d, name in _DTYPE_NAMES.items() if name == code)
 
 
@@ -147,7 +201,7 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
         start, end = entry["data_offsets"]
         handle.seek(8 + length + start)
         data = bytearray(handle.read(end - start))
-    dtype = next(d for d, code in _DTYPE_NAMES.items() if code == entry["dtype"])
+    dtype = dtype_of(entry["dtype"])
     if not data:
         return torch.empty(entry["shape"], dtype=dtype)
     return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
@@ -312,7 +366,7 @@ class ShardWriter:
         if part not in self._staged_headers:
             self._staged_headers[part] = read_header(self.folder / part)
         entry = self._staged_headers[part][name]
-        return _dtype_of(entry["dtype"]), tuple(entry["shape"])
+        return dtype_of(entry["dtype"]), tuple(entry["shape"])
 
     def _write_shard(self, file: str, ready: Mapping[str, torch.Tensor],
                      staged: Mapping[str, str]) -> None:
@@ -388,5 +442,5 @@ def write_model_config(folder: Path, model: nn.Module) -> None:
 
 
 __all__ = ["CheckpointLayout", "INDEX_NAME", "ShardWriter", "WEIGHTS_NAME", "checkpoint_layout",
-           "file_sha256", "read_header", "read_tensor", "tensor_bytes", "tensors_for_file",
+           "dtype_of", "file_sha256", "read_header", "read_tensor", "tensor_bytes", "tensors_for_file",
            "write_model_config", "write_safetensors", "write_state_dict"]

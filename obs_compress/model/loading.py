@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import CheckpointFormatError, ModelLoadError, ObsCompressError
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,24 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
     if not safe and not pickled:
         raise ModelLoadError(f"model folder {str(folder)!r} holds no weights "
                              "(*.safetensors, or *.bin with --allow-pickle)")
+
+
+def _check_compressed_parts(folder: Path, config: Any) -> None:
+    """Refuse a folder that stores compressed weights but whose config.json lost the
+    section saying so: transformers would load it with those weights at random."""
+    if getattr(config, "quantization_config", None):
+        return
+    from ..export.encoding import encoded_weights
+    from ..export.shards import read_header
+
+    for path in sorted(folder.glob("*.safetensors")):
+        encoded = encoded_weights(read_header(path))
+        if encoded:
+            weight, format = sorted(encoded.items())[0]
+            raise CheckpointFormatError(
+                f"{path.name} stores {len(encoded)} weight(s) compressed ({weight} in {format}) "
+                "but config.json has no quantization_config saying so; restore the section "
+                "obs-compress wrote (docs/FORMAT.md), or the weights would load at random")
 
 
 def _model_class(config: Any, trust_remote_code: bool):
@@ -132,8 +150,12 @@ def load_model(source: str | os.PathLike, *, allow_pickle: bool = False,
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model_class = _model_class(config, trust_remote_code)
+    if local:
+        _check_compressed_parts(folder, config)
     try:
         model = model_class.from_pretrained(target, config=config, **kwargs)
+    except ObsCompressError:
+        raise  # a compressed folder's refusal (obs_compress.export.hf_quantizer) as it is
     except Exception as exc:
         raise _wrap(exc, name, trust_remote_code) from exc
     model.eval()
