@@ -6,11 +6,12 @@ not on which, so the seconds-long magnitude prune gives the same sizes as OBS wo
 unstructured, 2:4 and 70% unstructured, in fp32 and bf16, each written in ``dense`` and
 ``bitmask`` (and ``nm`` for 2:4) through the one writer. Reported per folder: the stored
 bytes of the pruned Linear weights (the targets) against their dense bytes, the whole
-folder's bytes (every file) against the dense folder's, and the time to read every tensor
-back decoded (``obs_compress.export.convert.read_stored_tensors``: the file read and the
-decode; the dense folder through the same reader; each tensor copied once, so a dense
-folder's memory-mapped bytes are really read), median of interleaved repeats, the files in
-the page cache (just written).
+folder's bytes (every file) against the dense folder's, and the load through stock
+``AutoModelForCausalLM.from_pretrained`` after ``import obs_compress`` (a compressed folder
+decoded by the obs_sparse quantizer, a dense one as transformers loads any), each load in a
+fresh process: the seconds of the ``from_pretrained`` call and the process's peak resident
+set (``ru_maxrss``) above its resident set just before the call, medians of interleaved
+repeats, the files in the page cache (just written).
 
 Usage (the timings under the shared lock)::
 
@@ -38,19 +39,38 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def read_seconds(folder: Path) -> float:
-    from obs_compress.export.convert import read_stored_tensors
+_LOAD_CHILD = """
+import json, resource, sys, time
+import obs_compress  # registers the obs_sparse format
+from transformers import AutoModelForCausalLM
+def rss_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+before = rss_kib()
+start = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "before_MiB": before / 1024,
+                  "peak_above_MiB": (peak - before) / 1024}))
+"""
 
-    start = time.perf_counter()
-    for _, tensor, _ in read_stored_tensors(folder):
-        tensor.clone()  # a dense tensor is memory-mapped: copy it so its bytes are read
-    return time.perf_counter() - start
+
+def load_in_child(folder: Path) -> dict:
+    """One stock ``from_pretrained`` of ``folder`` in a fresh process: its seconds and the
+    peak resident set above the process's before the call."""
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(folder)], check=True,
+                            capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     from obs_compress.api import prune_checkpoint
@@ -67,36 +87,42 @@ def main() -> None:
                     prune_checkpoint(MODEL, recipe, out, dataset="none", device="cpu",
                                      progress=False, dtype=dtype, format=format)
                 folders[format] = out
-            times = {format: [] for format in folders}
+            loads = {format: [] for format in folders}
             for _ in range(args.repeats):  # interleaved
                 for format, folder in folders.items():
-                    times[format].append(read_seconds(folder))
+                    loads[format].append(load_in_child(folder))
             dense_folder = folder_bytes(folders["dense"])
+            dense_s = statistics.median(x["seconds"] for x in loads["dense"])
+            dense_rss = statistics.median(x["peak_above_MiB"] for x in loads["dense"])
             for format, folder in folders.items():
                 result = inspect_checkpoint(folder)
                 stored = sum(t.stored_bytes for t in result.targets)
                 dense = sum(t.dense_bytes for t in result.targets)
                 whole = folder_bytes(folder)
+                seconds = statistics.median(x["seconds"] for x in loads[format])
+                rss = statistics.median(x["peak_above_MiB"] for x in loads[format])
                 rows.append({"dtype": dtype, "pruning": label, "format": format,
                              "global_sparsity": round(result.global_sparsity, 4),
                              "targets_stored_MB": stored / 1e6, "targets_dense_MB": dense / 1e6,
                              "targets_ratio": stored / dense, "folder_MB": whole / 1e6,
                              "folder_ratio": whole / dense_folder,
-                             "read_s": statistics.median(times[format]),
-                             "read_ratio": (statistics.median(times[format])
-                                            / statistics.median(times["dense"]))})
+                             "load_s": seconds, "load_ratio": seconds / dense_s,
+                             "load_peak_MiB": rss, "load_peak_ratio": rss / dense_rss,
+                             "loads": loads[format]})
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(f"commit {commit}, load {' '.join(load)}, {args.repeats} interleaved repeats")
     print("| dtype | pruning | format | sparsity | pruned Linear weights MB (x dense) | "
-          "whole folder MB (x dense folder) | read+decode s (x dense) |")
-    print("|---|---|---|---|---|---|---|")
+          "whole folder MB (x dense folder) | from_pretrained s (x dense) | "
+          "load peak RSS MiB above start (x dense) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dtype']} | {r['pruning']} | {r['format']} | {r['global_sparsity']:.3f} | "
               f"{r['targets_stored_MB']:.1f} ({r['targets_ratio']:.3f}x) | "
               f"{r['folder_MB']:.1f} ({r['folder_ratio']:.3f}x) | "
-              f"{r['read_s']:.3f} ({r['read_ratio']:.2f}x) |")
+              f"{r['load_s']:.2f} ({r['load_ratio']:.2f}x) | "
+              f"{r['load_peak_MiB']:.0f} ({r['load_peak_ratio']:.2f}x) |")
     if args.json:
         args.json.write_text(json.dumps({"commit": commit, "load": load, "rows": rows},
                                         indent=2) + "\n")
