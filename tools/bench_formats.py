@@ -10,7 +10,8 @@ folder's bytes (every file) against the dense folder's, and the load through sto
 ``AutoModelForCausalLM.from_pretrained`` after ``import obs_compress`` (a compressed folder
 decoded by the obs_sparse quantizer, a dense one as transformers loads any), each load in a
 fresh process: the seconds of the ``from_pretrained`` call and the process's peak resident
-set (``ru_maxrss``) above its resident set just before the call, medians of interleaved
+set (``VmHWM``: the peak of this process image; ``ru_maxrss`` would carry over the bench's
+own peak across the fork) above its resident set just before the call, medians of interleaved
 repeats, the files in the page cache (just written).
 
 Usage (the timings under the shared lock)::
@@ -40,18 +41,18 @@ def folder_bytes(folder: Path) -> int:
 
 
 _LOAD_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import obs_compress  # registers the obs_sparse format
 from transformers import AutoModelForCausalLM
-def rss_kib():
+def status_kib(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key):
             return int(line.split()[1])
-before = rss_kib()
+before = status_kib("VmRSS:")
 start = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kib("VmHWM:")
 print(json.dumps({"seconds": seconds, "before_MiB": before / 1024,
                   "peak_above_MiB": (peak - before) / 1024}))
 """
