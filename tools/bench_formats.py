@@ -11,7 +11,9 @@ folder's bytes (every file) against the dense folder's, and the load through sto
 decoded by the obs_sparse quantizer, a dense one as transformers loads any), each load in a
 fresh process: the seconds of the ``from_pretrained`` call and the process's peak resident
 set (``VmHWM``: the peak of this process image; ``ru_maxrss`` would carry over the bench's
-own peak across the fork) above its resident set just before the call, medians of interleaved
+own peak across the fork) above its resident set just before the call, counted after every
+parameter has been read once (a dense model's parameters are views of the memory-mapped
+file, resident only once used), medians of interleaved
 repeats, the files in the page cache (just written).
 
 Usage (the timings under the shared lock)::
@@ -52,9 +54,15 @@ before = status_kib("VmRSS:")
 start = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 seconds = time.perf_counter() - start
+# A dense model's parameters are views of the memory-mapped file, read on first use: touch
+# every one so that both kinds count the model once resident.
+for parameter in model.parameters():
+    parameter.detach().sum()
 peak = status_kib("VmHWM:")
 print(json.dumps({"seconds": seconds, "before_MiB": before / 1024,
-                  "peak_above_MiB": (peak - before) / 1024}))
+                  "peak_above_MiB": (peak - before) / 1024,
+                  "anon_MiB": status_kib("RssAnon:") / 1024,
+                  "file_MiB": status_kib("RssFile:") / 1024}))
 """
 
 
