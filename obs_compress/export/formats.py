@@ -284,13 +284,16 @@ def decode_nm(stored: Mapping[str, torch.Tensor], *, name: str, file_size: int |
     cols = per_row // n * m
     b = _position_bits(m)
     _check_crc(stored, positions, values, name)
-    bits = unpack_bitmask(positions, per_row * b).reshape(rows, -1, b).to(torch.int64)
-    index = (bits << torch.arange(b)).sum(-1).reshape(rows, cols // m, n)
+    # b <= 8 bits per position: assembled in uint8, widened once for the scatter
+    bits = unpack_bitmask(positions, per_row * b).reshape(rows, -1, b).to(torch.uint8)
+    index = (bits << torch.arange(b, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    index = index.reshape(rows, cols // m, n).long()
     if bool((index >= m).any()):
         raise CheckpointFormatError(f"{name}.positions holds an index >= the group size {m}")
-    ordered = index.sort(-1).values
-    if n > 1 and bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-        raise CheckpointFormatError(f"{name}.positions repeats a position within a group")
+    if n > 1:  # each position of a group taken once: n distinct ones fill n slots
+        taken = torch.zeros(rows, cols // m, m, dtype=torch.bool).scatter_(-1, index, True)
+        if int(taken.sum()) != index.numel():
+            raise CheckpointFormatError(f"{name}.positions repeats a position within a group")
     dense = torch.zeros(rows, cols // m, m, dtype=values.dtype)
     dense.scatter_(-1, index, values.reshape(rows, cols // m, n))
     dense = dense.reshape(rows, cols)
