@@ -242,3 +242,21 @@ def test_the_cli_prints_one_line_naming_the_tensor(compressed, capsys):
     assert code == EXIT_ERROR
     assert err.startswith(f"error: {WEIGHT}: its stored tensors {WEIGHT}.values are missing")
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_read_header_takes_every_safetensors_dtype_and_checks_its_size(tmp_path):
+    from obs_compress.export.shards import read_header
+
+    path = tmp_path / "other.safetensors"
+    save_file({"fp8": torch.zeros(3, 5, dtype=torch.float8_e4m3fn),
+               "u32": torch.zeros(2, dtype=torch.uint32)}, path)
+    assert read_header(path)["fp8"]["shape"] == [3, 5]  # another tool's FP8 checkpoint
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    header["u32"]["shape"] = [3]  # 12 bytes claimed over an 8-byte span
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+    with pytest.raises(CheckpointFormatError, match=r"tensor u32: shape \[3\] of U32 needs 12 "
+                                                    r"bytes, its offsets span 8"):
+        read_header(path)
