@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 
-
 class InputAccumulator(Protocol):
     def add_batch(self, inputs: torch.Tensor) -> None: ...
 
@@ -71,6 +70,26 @@ def accumulate_inputs(modules: Mapping[str, nn.Module],
 
     with input_hooks(modules, feed):
         yield
+
+
+@contextmanager
+def output_gradient_hooks(modules: Mapping[str, nn.Module],
+                          callback: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While active, ``callback(name, dL/dY)`` runs with the gradient of whatever is being
+    differentiated with respect to each module's output ``Y: (..., d_out)``, when a backward
+    pass reaches it (a tensor hook set on the output by a forward hook; a forward under
+    ``no_grad`` sets none)."""
+    handles = []
+    try:
+        for name, module in modules.items():
+            def hook(_module, _args, output, name=name):
+                if isinstance(output, torch.Tensor) and output.requires_grad:
+                    output.register_hook(lambda grad, name=name: callback(name, grad))
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _own_device(module: nn.Module) -> torch.device | None:
@@ -140,4 +159,5 @@ def outside_on_device(model: nn.Module, excluded: nn.Module,
 
 
 __all__ = ["InputAccumulator", "StopForward", "accumulate_inputs", "input_hooks", "on_device",
+           "output_gradient_hooks",
            "outside_on_device", "until_stopped"]
