@@ -41,8 +41,8 @@ from .math.hessian import HessianAccumulator
 from .model.blocks import BlockStack, PrunableLayer, module_device
 from .model.capture import BlockCall, model_inputs
 from .model.hooks import output_gradient_hooks
+from .recipe import CURVATURE_LOSSES as LOSSES
 
-LOSSES = ("block_reconstruction", "next_token", "next_token_sampled")
 
 
 def _accumulators(layers: Sequence[PrunableLayer],

@@ -38,15 +38,17 @@ from tqdm.auto import tqdm
 
 from .algorithms import prune_weight
 from .algorithms.refit import row_losses
+from .curvature import block_output_factors, model_output_factors
 from .errors import InvalidArgument, NonFiniteError, ObsCompressError
 from .math.hessian import Curvature, HessianAccumulator, RecursiveInverseAccumulator
 from .math.inverse import undamped_hessian
+from .math.kronecker import kronecker_row_weights
 from .model.blocks import PrunableLayer, module_device
 from .model.capture import BlockCall, capture_block_inputs
 from .model.hooks import accumulate_inputs, input_hooks, on_device, until_stopped
 from .owl import owl_plan
 from .plan import BlockPlan, LayerPlan, PrunePlan, check_runs_without_data
-from .recipe import PruneSettings
+from .recipe import CurvatureSettings, PruneSettings
 from .report import BlockResult, LayerStats, PruneReport, summarize
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,8 @@ def _named(error: ObsCompressError, name: str) -> ObsCompressError:
 
 def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature | None,
                   hessian: torch.Tensor | None, prepared_cache: dict, block_index: int,
-                  extra_seconds: float = 0.0) -> list[LayerStats]:
+                  extra_seconds: float = 0.0,
+                  row_weights: dict[str, torch.Tensor] | None = None) -> list[LayerStats]:
     """Prune layers fed the same inputs with the same settings in place, in one solve.
 
     Their weights are stacked by rows (``prune_weight``'s ``row_groups``: every layer still
@@ -96,6 +99,7 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature | None,
     ``prepared_cache`` is shared by the layers of one accumulator. The solve's seconds are
     split over the layers by their share of the rows. ``curvature`` and ``hessian`` are None
     for magnitude pruning without calibration data; the losses are then None.
+    ``row_weights``: layer name -> its Kronecker row factors (``curvature.kind kronecker``).
     """
     settings = plans[0].settings
     names = ", ".join(plan.layer.name for plan in plans)
@@ -105,11 +109,13 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature | None,
     stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
     if curvature is not None:
         curvature = replace(curvature, name=names)  # errors name these layers
+    weights_of_rows = (torch.cat([row_weights[plan.layer.name] for plan in plans])
+                       if row_weights is not None else None)
     start = time.perf_counter()
     try:
         result = prune_weight(stacked, curvature, prepared_cache=prepared_cache,
                               row_groups=rows if len(plans) > 1 else None,
-                              **settings.prune_kwargs())
+                              row_weights=weights_of_rows, **settings.prune_kwargs())
     except ObsCompressError as exc:
         raise _named(exc, names) from exc
     seconds = time.perf_counter() - start + extra_seconds
@@ -188,10 +194,35 @@ def _feeds(input_groups: Sequence[Sequence[LayerPlan]], expected_tokens: int,
     return feeds
 
 
+def _row_weights(block: nn.Module, block_plan: BlockPlan, calls: Sequence[BlockCall],
+                 settings: CurvatureSettings, model_factors: dict[str, torch.Tensor] | None,
+                 device: torch.device | None) -> dict[str, torch.Tensor] | None:
+    """Each target layer's Kronecker row factors (``curvature.kind kronecker``), from ``G``
+    of the block-output loss taken now, at the block's dense point, or of the model's
+    next-token loss taken before the loop (``model_factors``); None for ``hessian``."""
+    if settings.kind != "kronecker":
+        return None
+    layers = [plan.layer for plan in block_plan.layers]
+    factors = model_factors if model_factors is not None else block_output_factors(
+        block, calls, layers, n_probes=settings.n_probes, seed=settings.seed + block_plan.index,
+        device=device)
+    weights = {}
+    for layer in layers:
+        try:
+            weights[layer.name] = kronecker_row_weights(factors[layer.name],
+                                                        settings.dampening_frac_g)
+        except ObsCompressError as exc:
+            raise _named(exc, layer.name) from exc
+    return weights
+
+
 def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence[BlockCall], *,
                         sequential: bool, expected_tokens: int, device: torch.device | None,
-                        order_cache: dict) -> list[LayerStats]:
+                        order_cache: dict, curvature: CurvatureSettings | None = None,
+                        model_factors: dict[str, torch.Tensor] | None = None) -> list[LayerStats]:
     """Accumulate, then prune every target layer of one block (in groups if ``sequential``)."""
+    row_weights = (_row_weights(block, block_plan, calls, curvature, model_factors, device)
+                   if curvature is not None else None)
     order = _execution_order(block, block_plan, calls[0], order_cache)
     passes = [[group] for group in order.groups] if sequential else [order.groups]
     stats: list[LayerStats] = []
@@ -217,7 +248,8 @@ def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence
             for position, plans in enumerate(alike.values()):
                 stats.extend(_prune_layers(plans, curvature, hessian, prepared_cache,
                                            block_plan.index,
-                                           finalize_seconds if position == 0 else 0.0))
+                                           finalize_seconds if position == 0 else 0.0,
+                                           row_weights=row_weights))
         del feeds, accumulators
     position = {plan.layer.name: index for index, plan in enumerate(block_plan.layers)}
     return sorted(stats, key=lambda layer_stats: position[layer_stats.name])
@@ -344,13 +376,21 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
             call.hidden_states = hidden.to(call.hidden_states.device)
     if plan.recipe.block_sparsity.method == "owl":
         plan = owl_plan(plan, calls, device)
+    curvature = plan.recipe.curvature
+    model_factors = None
+    if curvature.kind == "kronecker" and curvature.loss != "block_reconstruction":
+        # the next-token loss needs the whole dense model: G of every layer, taken once now
+        model_factors = model_output_factors(
+            model, plan.stack, torch.cat(list(batches)), [p.layer for p in plan.layers],
+            loss=curvature.loss, seed=curvature.seed, device=device)
     for block_plan in plan.blocks[start_block:]:
         if block_loader is not None:
             block_loader(block_plan)
         with on_device(block_plan.module, device) as block:
             stats = (_prune_block_layers(block, block_plan, calls, sequential=sequential,
                                          expected_tokens=expected_tokens, device=device,
-                                         order_cache=order_cache)
+                                         order_cache=order_cache, curvature=curvature,
+                                         model_factors=model_factors)
                      if block_plan.layers else [])
             for call in calls:
                 call.hidden_states = call(block)

@@ -86,6 +86,10 @@ def build_plan(model: nn.Module, recipe: Recipe | Any) -> PrunePlan:
             if block_index != index:
                 continue
             settings = recipe.settings_for(layer.name)
+            if recipe.curvature.kind == "kronecker" and settings.method == "magnitude":
+                raise RecipeError(f"layer {layer.name}: method magnitude (an override) reads "
+                                  "the weights alone, and curvature.kind kronecker needs a "
+                                  "curvature method (obd, obs_exact, obs_blockwise)")
             try:
                 check_pattern_fits(parse_pattern(settings.pattern), layer.d_in, layer.name)
             except InvalidArgument as exc:

@@ -61,6 +61,8 @@ from .math.masks import ALLOCATIONS, parse_pattern
 
 INVERSES = ("cholesky", "recursive")
 BLOCK_SPARSITY_METHODS = ("uniform", "owl")
+CURVATURE_KINDS = ("hessian", "kronecker")
+CURVATURE_LOSSES = ("block_reconstruction", "next_token", "next_token_sampled")
 # calibration.source of a recipe that needs no data (magnitude only): no forward runs at
 # all, and the report has no reconstruction loss to give.
 NO_CALIBRATION = "none"
@@ -363,6 +365,36 @@ class BlockSparsitySettings:
 
 
 @_schema
+class CurvatureSettings:
+    """Which curvature the second-order methods read (docs/ALGORITHMS.md, "Kronecker").
+
+    ``hessian``: the layer-wise ``H = 2 X^T X / n`` of each layer's inputs. ``kronecker``:
+    ``G (x) H`` with ``G = E[g g^T]`` over the gradients of ``loss`` with respect to the
+    layer's outputs (``obs_compress.curvature``); each row is still compensated within itself
+    over ``H``, so ``G`` moves how layer allocation spreads a layer's count over its rows
+    (``allocation: row`` and N:M are unchanged by it).
+    """
+
+    kind: Literal[CURVATURE_KINDS] = _field(
+        "hessian", expected=_one_of(CURVATURE_KINDS),
+        description="hessian: layer-wise H | kronecker: G (x) H, G from output gradients")
+    loss: Literal[CURVATURE_LOSSES] = _field(
+        "block_reconstruction", expected=_one_of(CURVATURE_LOSSES),
+        description="kronecker: the loss whose output gradients give G: block_reconstruction "
+                    "(Gaussian probes of the block output, its Gauss-Newton matrix) | "
+                    "next_token (the text's cross-entropy: empirical Fisher) | "
+                    "next_token_sampled (labels drawn from the model: true Fisher)")
+    dampening_frac_g: _Number = _field(
+        0.01, ge=0.0, expected="a number >= 0",
+        description="kronecker: G + dampening_frac_g * mean(diag G) * I before inverting")
+    n_probes: _Integer = _field(
+        1, ge=1, expected="an integer >= 1",
+        description="kronecker, block_reconstruction: Gaussian probes per calibration batch")
+    seed: _Integer = _field(0, ge=0, expected="an integer >= 0",
+                            description="kronecker: seeds the probes and sampled labels")
+
+
+@_schema
 class CalibrationSettings:
     """Which text calibrates the Hessians (see ``../shared/data/README.md`` for the protocol)."""
 
@@ -397,7 +429,9 @@ class CalibrationSettings:
 CALIBRATION_FIELDS = tuple(field.name for field in dataclasses.fields(CalibrationSettings))
 BLOCK_SPARSITY_FIELDS = tuple(field.name for field in dataclasses.fields(BlockSparsitySettings))
 # Nested sections of a recipe and the names of their fields (``--set section.field=value``).
-SECTIONS = {"block_sparsity": BLOCK_SPARSITY_FIELDS, "calibration": CALIBRATION_FIELDS}
+CURVATURE_FIELDS = tuple(field.name for field in dataclasses.fields(CurvatureSettings))
+SECTIONS = {"block_sparsity": BLOCK_SPARSITY_FIELDS, "calibration": CALIBRATION_FIELDS,
+            "curvature": CURVATURE_FIELDS}
 
 
 def _section(cls: type, description: str) -> Any:
@@ -431,6 +465,8 @@ class Recipe(PruneSettings):
         BlockSparsitySettings, "How unstructured sparsity spreads over the blocks")
     calibration: CalibrationSettings = _section(
         CalibrationSettings, "Which text calibrates the Hessians")
+    curvature: CurvatureSettings = _section(
+        CurvatureSettings, "Which curvature the second-order methods read: hessian or kronecker")
 
     @model_validator(mode="after")
     def _overrides_and_data_agree(self) -> Recipe:
@@ -443,6 +479,10 @@ class Recipe(PruneSettings):
                 problem = error.errors()[0]
                 raise _rule_error((problem.get("ctx") or {}).get("message", problem["msg"]),
                                   label=f"overrides[{index}]") from None
+        if self.curvature.kind == "kronecker" and self.method == "magnitude":
+            raise _rule_error("curvature.kind kronecker weighs the second-order methods' "
+                              "losses, and method magnitude reads the weights alone; use obd, "
+                              "obs_exact or obs_blockwise", label="curvature")
         needs = self.data_needs_text() if self.calibration.source == NO_CALIBRATION else ""
         if needs:
             raise _rule_error(
@@ -478,6 +518,8 @@ class Recipe(PruneSettings):
                 reasons.append(f"{label}refit true")
         if self.block_sparsity.method != "uniform":
             reasons.append(f"block_sparsity.method {self.block_sparsity.method}")
+        if self.curvature.kind != "hessian":
+            reasons.append(f"curvature.kind {self.curvature.kind}")
         return reasons
 
     def is_target(self, name: str) -> bool:

@@ -61,6 +61,8 @@ def streaming_refusal(folder: Path | None, recipe: Any, calibration: Any,
             return ("the checkpoint is stored compressed (obs_sparse); it is decoded as the "
                     "whole model loads")
         return "the checkpoint is quantized"
+    if recipe.curvature.kind == "kronecker" and recipe.curvature.loss != "block_reconstruction":
+        return f"curvature.loss {recipe.curvature.loss} back-propagates through the whole model"
     if recipe.block_sparsity.method == "owl":
         return "block_sparsity owl runs a dense pass over every block first"
     if getattr(calibration, "source", None) == "self":

@@ -130,3 +130,107 @@ def test_refusals():
         model_output_factors(model, stack, ids, layers, loss="block_reconstruction")
     with pytest.raises(InvalidArgument, match="at least one layer"):
         block_output_factors(stack.modules[0], calls, [])
+
+
+# ----------------------------------------------- Kronecker curvature in the solvers
+
+
+def test_row_weights_of_g():
+    from obs_compress.math.kronecker import kronecker_row_weights
+
+    torch.testing.assert_close(kronecker_row_weights(torch.eye(6), 0.01), torch.ones(6))
+    diagonal = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    weights = kronecker_row_weights(torch.diag(diagonal), 0.0)  # 1/[G^-1]_ii = G_ii
+    torch.testing.assert_close(weights, diagonal / diagonal.mean())
+    full = torch.randn(5, 5, generator=torch.Generator().manual_seed(0))
+    full = full @ full.T + torch.eye(5)
+    expected = 1 / torch.diagonal(torch.linalg.inv(full.double()))
+    torch.testing.assert_close(kronecker_row_weights(full, 0.0).double(),
+                               expected / expected.mean())
+
+
+def _layer_problem(seed=0, d_out=12, d_in=32):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, d_in, generator=generator)
+    return torch.randn(d_out, d_in, generator=generator), 2 * x.T @ x / 200
+
+
+def _bytes(tensor):
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("method", ["obd", "obs_exact", "obs_blockwise"])
+@pytest.mark.parametrize("allocation", ["layer", "row"])
+def test_g_identity_is_the_layer_wise_method_exactly(method, allocation):
+    from obs_compress.algorithms import prune_weight
+    from obs_compress.math.kronecker import kronecker_row_weights
+
+    weight, hessian = _layer_problem()
+    kwargs = dict(method=method, sparsity=0.5, allocation=allocation, block_size=16)
+    plain = prune_weight(weight, hessian, **kwargs)
+    kron = prune_weight(weight, hessian, row_weights=kronecker_row_weights(torch.eye(12), 0.01),
+                        **kwargs)
+    assert _bytes(plain.weight) == _bytes(kron.weight) and torch.equal(plain.mask, kron.mask)
+
+
+@pytest.mark.parametrize("method", ["obd", "obs_blockwise"])
+def test_row_weights_move_the_layer_allocation_toward_heavy_rows(method):
+    from obs_compress.algorithms import prune_weight
+
+    weight, hessian = _layer_problem()
+    weight = weight[:1].repeat(12, 1)  # identical rows: only the row weights tell them apart
+    row_weights = torch.ones(12)
+    row_weights[:6] = 10.0
+    result = prune_weight(weight, hessian, method=method, sparsity=0.5, allocation="layer",
+                          block_size=16, row_weights=row_weights)
+    pruned = result.mask.sum(dim=1)
+    assert int(pruned.sum()) == 12 * 16
+    assert pruned[:6].max() < pruned[6:].min()  # the heavy rows keep more
+    plain = prune_weight(weight, hessian, method=method, sparsity=0.5, allocation="layer",
+                         block_size=16).mask.sum(dim=1)
+    assert abs(int(plain[:6].sum()) - int(plain[6:].sum())) <= 6  # without: about even
+
+
+def test_row_weights_refusals():
+    from obs_compress.algorithms import prune_weight
+
+    weight, hessian = _layer_problem()
+    with pytest.raises(InvalidArgument, match="magnitude reads the weights alone"):
+        prune_weight(weight, hessian, method="magnitude", sparsity=0.5,
+                     row_weights=torch.ones(12))
+    with pytest.raises(InvalidArgument, match="row_weights must be 12 finite positive"):
+        prune_weight(weight, hessian, method="obd", sparsity=0.5, row_weights=torch.zeros(12))
+
+
+@pytest.mark.parametrize("loss", ["block_reconstruction", "next_token"])
+def test_a_kronecker_recipe_runs_and_moves_the_allocation(loss):
+    from obs_compress.api import oneshot
+
+    ids = torch.randint(4, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    recipe = {"method": "obs_blockwise", "sparsity": 0.5, "block_size": 32,
+              "curvature": {"kind": "kronecker", "loss": loss}}
+    masks = {}
+    for kind in ("hessian", "kronecker"):
+        model = tiny_model("llama")
+        report = oneshot(model, {**recipe, "curvature": {**recipe["curvature"], "kind": kind}},
+                         ids, progress=False)
+        assert report.recipe["curvature"]["kind"] == kind
+        assert abs(report.global_sparsity - 0.5) < 1e-3
+        masks[kind] = {name: p == 0 for name, p in model.named_parameters() if "proj" in name}
+    changed = sum(int((masks["hessian"][n] != masks["kronecker"][n]).sum()) for n in masks["hessian"])
+    assert changed > 0
+
+
+def test_kronecker_recipe_refusals(tmp_path):
+    from obs_compress.errors import RecipeError
+    from obs_compress.recipe import load_recipe
+    from obs_compress.stream import streaming_refusal
+
+    with pytest.raises(RecipeError, match="method magnitude reads the weights alone"):
+        load_recipe({"method": "magnitude", "curvature": {"kind": "kronecker"}})
+    with pytest.raises(RecipeError, match="curvature"):
+        load_recipe({"curvature": {"kind": "fisher"}})
+    recipe = load_recipe({"curvature": {"kind": "kronecker", "loss": "next_token"}})
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert "whole model" in streaming_refusal(tmp_path, recipe, None, ())

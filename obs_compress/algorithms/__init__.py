@@ -75,7 +75,8 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
                  block_size: int = 128, dampening_frac: float = 0.01,
                  max_dampening_frac: float = 1.0, refit: bool = False,
                  backend: str = "auto", prepared_cache: dict | None = None,
-                 row_groups: Sequence[int] | None = None) -> PruneResult:
+                 row_groups: Sequence[int] | None = None,
+                 row_weights: torch.Tensor | None = None) -> PruneResult:
     """Prune one layer's weight with second-order information; inputs are not modified.
 
     ``hessian``: ``H`` (undamped) or a :class:`~obs_compress.math.hessian.Curvature` from an
@@ -94,6 +95,11 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
     ``row_groups``: ``weight`` is several layers stacked by rows on this one ``hessian``
     (row counts, summing to ``d_out``), pruned in one pass; each group reaches ``sparsity``
     on its own (layer allocation allocates within each group), as if pruned alone.
+    ``row_weights``: ``(d_out,)`` positive factors on each row's loss, the Kronecker row
+    factor ``1 / [G^-1]_ii`` of :func:`obs_compress.math.kronecker.kronecker_row_weights`
+    (curvature ``G (x) H``, compensation within each row over ``H``): they move how layer
+    allocation spreads the count over the rows and nothing else (row allocation and N:M
+    prune each row on its own); all 1 is the layer-wise method exactly. Not for magnitude.
     Work happens in float64 when the weight or Hessian is float64, else float32.
     """
     curvature = _check_arguments(weight, hessian, method, allocation, block_size, backend)
@@ -111,6 +117,14 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
                               f"{weight.shape[0]}, got {list(row_groups)}")
     if refit and curvature is None:
         raise InvalidArgument("refit needs the Hessian (refit=True with hessian=None)")
+    if row_weights is not None:
+        if method == "magnitude":
+            raise InvalidArgument("row_weights (Kronecker curvature) need a curvature method; "
+                                  "magnitude reads the weights alone")
+        if (row_weights.shape != (weight.shape[0],) or not torch.isfinite(row_weights).all()
+                or not bool((row_weights > 0).all())):
+            raise InvalidArgument(f"row_weights must be {weight.shape[0]} finite positive "
+                                  f"factors, got shape {tuple(row_weights.shape)}")
     if not isinstance(dampening_frac, (int, float)) or not dampening_frac >= 0:
         raise InvalidArgument(f"dampening_frac must be >= 0, got {dampening_frac!r}")
     if (not isinstance(max_dampening_frac, (int, float))
@@ -154,16 +168,21 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
         # Undamped diag(H): dead inputs have H_qq = 0, so they score 0 and go first.
         diagonal = (curvature.hessian_diagonal if curvature.hessian_diagonal is not None
                     else torch.diagonal(curvature.hessian)).to(dtype)
+        weights = (row_weights.split(groups) if row_weights is not None
+                   else [None] * len(groups))
         mask = torch.cat([obd(part, diagonal, sparsity=sparsity, pattern=parsed,
-                              allocation=allocation) for part in original.split(groups)])
+                              allocation=allocation, row_weights=part_weights)
+                          for part, part_weights in zip(original.split(groups), weights)])
         pruned = original.masked_fill(mask, 0)
     elif method == "obs_exact":
         pruned, mask, loss = obs_exact(original, prepared, sparsity=sparsity, pattern=parsed,
-                                       allocation=allocation, backend=backend, row_groups=groups)
+                                       allocation=allocation, backend=backend, row_groups=groups,
+                                       row_weights=row_weights)
     else:
         pruned, mask, loss = obs_blockwise(original, prepared, sparsity=sparsity, pattern=parsed,
                                            allocation=allocation, block_size=block_size,
-                                           backend=backend, row_groups=groups)
+                                           backend=backend, row_groups=groups,
+                                           row_weights=row_weights)
     if refit:
         # obs_exact's weights already are the optimum of its mask under the damped H.
         if method != "obs_exact":

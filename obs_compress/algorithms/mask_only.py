@@ -28,5 +28,10 @@ def magnitude(weight: torch.Tensor, *, sparsity: float, pattern: Pattern, alloca
 
 
 def obd(weight: torch.Tensor, hessian_diagonal: torch.Tensor, *, sparsity: float,
-        pattern: Pattern, allocation: str):
-    return _mask(obd_saliency(weight, hessian_diagonal), sparsity, pattern, allocation)
+        pattern: Pattern, allocation: str, row_weights: torch.Tensor | None = None):
+    """``row_weights``: ``(d_out,)`` factors on each row's saliencies (the Kronecker row
+    factor), which move only a layer allocation's spread over the rows."""
+    scores = obd_saliency(weight, hessian_diagonal)
+    if row_weights is not None:
+        scores = scores * row_weights.to(scores)[:, None]
+    return _mask(scores, sparsity, pattern, allocation)

@@ -87,11 +87,13 @@ def _group_totals(width: int, start: int, end: int, sparsity: float,
 
 
 def _greedy_block(weight, hessian_inverse, free, *, totals, groups, rows_count, pattern,
-                  allocation, backend):
+                  allocation, backend, row_weights=None):
     """Greedy OBS on one block for every row; returns (weight, mask, per-row loss).
 
     ``groups``: sizes of the row groups (layers stacked on one Hessian), ``totals`` the
     count each must prune here under layer allocation (:func:`_group_totals`).
+    ``row_weights``: ``(rows,)`` factors on each row's loss when layer allocation spreads the
+    count over the rows (the Kronecker row factor ``1 / [G^-1]_ii``); None: all 1.
     """
     rows, width = weight.shape
     if pattern.is_nm:
@@ -115,8 +117,10 @@ def _greedy_block(weight, hessian_inverse, free, *, totals, groups, rows_count, 
                       and rows * (cap + 1) * width <= STEP_WEIGHTS_ELEMENTS)
         trace = greedy_obs(weight, hessian_inverse, full, cap, free_columns=free, backend=backend,
                            keep_step_weights=keep_steps)
+        step_loss = (trace.step_loss if row_weights is None
+                     else trace.step_loss * row_weights.to(trace.step_loss)[:, None])
         counts = torch.cat([allocate_by_increments(group_loss, total) for group_loss, total
-                            in zip(trace.step_loss.split(groups), totals)])
+                            in zip(step_loss.split(groups), totals)])
         mask = _prefix_mask(trace.order, counts, width)
         steps = torch.arange(cap, device=weight.device)
         loss = (trace.step_loss * (steps[None, :] < counts[:, None])).sum(dim=1)
@@ -129,18 +133,19 @@ def _greedy_block(weight, hessian_inverse, free, *, totals, groups, rows_count, 
 
 def obs_exact(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsity: float,
               pattern: Pattern, allocation: str, backend: str = "auto",
-              row_groups: Sequence[int] | None = None):
+              row_groups: Sequence[int] | None = None, row_weights: torch.Tensor | None = None):
     rows, width = weight.shape
     groups = row_groups or [rows]
     return _greedy_block(weight, curvature.hessian_inverse, curvature.dead_inputs,
                          totals=_group_totals(width, 0, width, sparsity, groups),
                          groups=groups, rows_count=split_count(width, 0, width, sparsity),
-                         pattern=pattern, allocation=allocation, backend=backend)
+                         pattern=pattern, allocation=allocation, backend=backend,
+                         row_weights=row_weights)
 
 
 def obs_blockwise(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsity: float,
                   pattern: Pattern, allocation: str, block_size: int, backend: str = "auto",
-                  row_groups: Sequence[int] | None = None):
+                  row_groups: Sequence[int] | None = None, row_weights: torch.Tensor | None = None):
     rows, width = weight.shape
     groups = row_groups or [rows]
     upper = curvature.upper_factor
@@ -157,7 +162,7 @@ def obs_blockwise(weight: torch.Tensor, curvature: PreparedCurvature, *, sparsit
             before, block_inverse, dead[col_start:col_end],
             totals=_group_totals(width, col_start, col_end, sparsity, groups), groups=groups,
             rows_count=split_count(width, col_start, col_end, sparsity),
-            pattern=pattern, allocation=allocation, backend=backend)
+            pattern=pattern, allocation=allocation, backend=backend, row_weights=row_weights)
         if col_end < width:
             # W_R += D U_FF^-1 U_FR: the optimal response of the free columns to D.
             propagate = torch.linalg.solve_triangular(block_upper, upper[col_start:col_end, col_end:],

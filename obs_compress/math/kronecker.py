@@ -43,6 +43,24 @@ def damp_factor(factor: torch.Tensor, dampening_frac: float) -> torch.Tensor:
     return damped
 
 
+def kronecker_row_weights(g_factor: torch.Tensor, dampening_frac: float) -> torch.Tensor:
+    """The row factors ``1 / [G^-1]_ii`` of the damped output factor ``G``, scaled to mean 1:
+    ``(d_out,)``. With them a row's layer-wise OBS loss becomes its loss under ``G (x) A``
+    when each row is compensated within itself (exact for a diagonal ``G``, where
+    ``1 / [G^-1]_ii = G_ii``; for a full ``G`` the Kronecker saliency's row factor, LLM
+    Surgeon eq. 5). ``G = I`` gives all ones."""
+    from ..errors import HessianNotPositiveDefinite
+
+    damped = damp_factor(g_factor.double(), dampening_frac)
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
+        raise HessianNotPositiveDefinite(
+            f"the output factor G (d_out {damped.shape[0]}) is not positive definite with "
+            f"dampening_frac_g {dampening_frac:g}; raise curvature.dampening_frac_g")
+    weights = 1.0 / torch.diagonal(torch.cholesky_inverse(factor))
+    return (weights / weights.mean()).to(g_factor.dtype)
+
+
 def kronecker_inverse_diagonal(g_inverse: torch.Tensor, a_inverse: torch.Tensor) -> torch.Tensor:
     """``[G^-1]_ii [A^-1]_jj`` as a ``(d_out, d_in)`` matrix: the diagonal of ``G^-1 (x) A^-1``."""
     return torch.outer(torch.diagonal(g_inverse), torch.diagonal(a_inverse))
