@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true",
                        help="print the memory plan (peak CPU and GPU memory, disk) from the "
                             "model's config and the recipe, and stop: no weight is read")
+    prune.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                       help="under torchrun: how long a process waits for the others before "
+                            "it fails (default 1800)")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("--report", metavar="FILE",
                        help="also write the report JSON here (it is always in --out)")
@@ -229,7 +232,10 @@ def _run_prune(args: argparse.Namespace) -> int:
                                max_shard_size=args.max_shard_size, data_dir=args.data_dir,
                                evaluate=args.evaluate, eval_windows=args.eval_windows,
                                streaming=False if args.in_memory else None,
-                               resume=args.resume, format=args.format)
+                               resume=args.resume, format=args.format,
+                               dist_timeout_s=args.dist_timeout)
+    if run.rank != 0:  # rank 0 prints and writes the report for all
+        return 0
     print(run.report.table())
     print(f"wrote {run.out_dir} in {run.seconds:.1f} s")
     if args.report:
