@@ -25,8 +25,9 @@ from obs_compress.export.progress import in_progress_folder
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # The Hessian sums of two ranks are added in another order than one process adds its
-# batches: fp32 rounding of the solves, nothing else. Measured max |diff| on the tiny
-# Llama: ~1e-7; the bound leaves a margin of 100.
+# batches: fp32 rounding carried through the solves, nothing else. Measured on the tiny
+# Llama (weights up to ~0.08): max |diff| 1.6e-6 (relative 2e-5), 54,028 of 127,424 stored
+# values differ at all; the bound leaves a margin of 6.
 WEIGHT_ATOL = 1e-5
 
 
