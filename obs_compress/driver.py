@@ -43,6 +43,7 @@ from .errors import InvalidArgument, NonFiniteError, ObsCompressError
 from .math.hessian import Curvature, HessianAccumulator, RecursiveInverseAccumulator
 from .math.inverse import undamped_hessian
 from .model.blocks import PrunableLayer, module_device
+from .model.activations import ActivationStore
 from .model.capture import BlockCall, capture_block_inputs
 from .model.hooks import accumulate_inputs, input_hooks, on_device, until_stopped
 from .owl import owl_plan
@@ -367,7 +368,9 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
                             expected_tokens: int, device: torch.device | None,
                             sequential: bool, block_loader: BlockLoader | None,
                             start_block: int, start_inputs: Sequence[torch.Tensor] | None,
-                            group: ProcessGroup | None = None) -> Iterator[tuple[BlockPlan, list[LayerStats], list[torch.Tensor]]]:
+                            group: ProcessGroup | None = None,
+                            activations: str = "device",
+                            activations_dir: Any = None) -> Iterator[tuple[BlockPlan, list[LayerStats], list[torch.Tensor]]]:
     order_cache: dict = {}
     calls = capture_block_inputs(model, plan.stack, batches, device=device)
     if start_inputs is not None:  # a resumed run: the inputs block ``start_block`` received
@@ -376,20 +379,28 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
                                   f"{start_block}, but the calibration has {len(calls)}")
         for call, hidden in zip(calls, start_inputs):
             call.hidden_states = hidden.to(call.hidden_states.device)
-    if plan.recipe.block_sparsity.method == "owl":
-        plan = owl_plan(plan, calls, device)
-    for block_plan in plan.blocks[start_block:]:
-        if block_loader is not None:
-            block_loader(block_plan)
-        with on_device(block_plan.module, device) as block:
-            stats = (_prune_block_layers(block, block_plan, calls, sequential=sequential,
-                                         expected_tokens=expected_tokens, device=device,
-                                         order_cache=order_cache, group=group)
-                     if block_plan.layers else [])
-            for call in calls:
-                call.hidden_states = call(block)
-                _check_finite_outputs(call.hidden_states, block_plan.name, stats)
-        yield block_plan, stats, [call.hidden_states for call in calls]
+    store = ActivationStore(activations, device, activations_dir)
+    try:
+        store.hold_(calls)
+        if plan.recipe.block_sparsity.method == "owl":
+            plan = owl_plan(plan, calls, device)
+        for block_plan in plan.blocks[start_block:]:
+            if block_loader is not None:
+                block_loader(block_plan)
+            with on_device(block_plan.module, device) as block:
+                stats = (_prune_block_layers(block, block_plan, calls, sequential=sequential,
+                                             expected_tokens=expected_tokens, device=device,
+                                             order_cache=order_cache, group=group)
+                         if block_plan.layers else [])
+                for call in calls:
+                    hidden = call(block)
+                    _check_finite_outputs(hidden, block_plan.name, stats)
+                    store.replace_(call, hidden)
+                    del hidden
+            # Held on CPU or disk, these are overwritten by the next block: use them first.
+            yield block_plan, stats, [call.hidden_states for call in calls]
+    finally:
+        store.close()
 
 
 def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | None, *,
@@ -397,7 +408,8 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
                  sequential: bool | None = None, progress: bool = True,
                  block_loader: BlockLoader | None = None, start_block: int = 0,
                  start_inputs: Sequence[torch.Tensor] | None = None,
-                 group: ProcessGroup | None = None) -> Iterator[BlockResult]:
+                 group: ProcessGroup | None = None, activations: str = "device",
+                 activations_dir: Any = None) -> Iterator[BlockResult]:
     """Prune ``model`` in place, block by block, yielding each :class:`BlockResult` when done.
 
     ``input_ids: (n_samples, seq_len)`` calibration tokens, or None to prune from the
@@ -416,6 +428,11 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
     it forwards only its share of ``input_ids``, the Hessians are summed over the ranks and
     each block's layers are solved on different ranks; every rank gets the same pruned model
     and the same results. ``outputs`` are then this rank's share.
+
+    ``activations``: where the calibration hidden states are held between blocks,
+    ``device``, ``cpu`` or ``disk`` (a memory-mapped file in ``activations_dir``;
+    :mod:`obs_compress.model.activations`); the pruned weights are the same in each. Held
+    on CPU or disk, a result's ``outputs`` are valid until the next block is worked on.
     """
     sequential = plan.recipe.sequential if sequential is None else sequential
     device = torch.device(device) if device is not None else None
@@ -451,7 +468,9 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
                                               expected_tokens=input_ids.numel(), device=device,
                                               sequential=sequential, block_loader=block_loader,
                                               start_block=start_block,
-                                              start_inputs=start_inputs, group=group))
+                                              start_inputs=start_inputs, group=group,
+                                              activations=activations,
+                                              activations_dir=activations_dir))
             start = time.perf_counter()
             for block_plan, stats, outputs in blocks:
                 seconds = time.perf_counter() - start
@@ -473,14 +492,20 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
 def prune_model(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | None, *,
                 device: torch.device | str | None = None, batch_size: int = 8,
                 sequential: bool | None = None, progress: bool = True,
-                model_name: str = "") -> PruneReport:
+                model_name: str = "", activations: str = "device") -> PruneReport:
     """Run :func:`prune_blocks` to the end and summarize it (no samples: ``input_ids`` None)."""
     start = time.perf_counter()
-    results = list(prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
-                                sequential=sequential, progress=progress))
+    results = []
+    for result in prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
+                               sequential=sequential, progress=progress,
+                               activations=activations):
+        result.outputs = None  # else every block's hidden states would be kept to the end
+        results.append(result)
     n_samples, seq_len = input_ids.shape if input_ids is not None else (0, 0)
-    return summarize(results, n_samples=n_samples, seq_len=seq_len,
-                     seconds=time.perf_counter() - start, recipe=plan.recipe, model=model_name)
+    report = summarize(results, n_samples=n_samples, seq_len=seq_len,
+                       seconds=time.perf_counter() - start, recipe=plan.recipe, model=model_name)
+    report.activations = activations if input_ids is not None else "none"
+    return report
 
 
 __all__ = ["prune_blocks", "prune_model", "reconstruction_loss"]

@@ -109,6 +109,8 @@ class PruneReport:
     path: str = "in-memory"
     resumed_at_block: int | None = None  # a resumed run: the first block it pruned itself
     world_size: int = 1  # processes that pruned together (torch.distributed), rank 0 wrote
+    # Where the calibration activations were held between blocks (device, cpu, disk; why).
+    activations: str = "device"
 
     @property
     def pruned(self) -> int:
@@ -139,6 +141,7 @@ class PruneReport:
             "path": self.path,
             "resumed_at_block": self.resumed_at_block,
             "world_size": self.world_size,
+            "activations": self.activations,
             "dampening_raised": [s.name for s in self.raised_dampening],
             "loss_units": LOSS_UNITS,
             "layers": [s.to_dict() for s in self.layers],

@@ -37,6 +37,7 @@ from .export.checkpoint import (_tool_version, check_output_dir, check_shard_siz
 from .export.encoding import plan_encodings
 from .export.progress import MANIFEST_NAME, open_progress, write_manifest
 from .export.shards import STAGING_DIR, ShardWriter, checkpoint_layout, write_safetensors
+from .memory_plan import ActivationChoice, activation_bytes, choose_activations
 from .model.loading import _check_local_folder, _model_class
 from .model.streaming import StreamingModel, open_streaming_model
 from .plan import build_plan
@@ -111,6 +112,7 @@ def _prune_as_follower(model: Any, plan: Any, input_ids: torch.Tensor | None,
                        streaming: StreamingModel, group: ProcessGroup, *, recipe: Any,
                        folder: Path, out: Path, tokenizer: Any, device: torch.device | None,
                        batch_size: int, n_blocks: int, start: float,
+                       choice: ActivationChoice | None,
                        ) -> tuple[PruneReport, Path, StreamingModel, Any]:
     """A rank other than 0: the same blocks pruned with the others, nothing written; returns
     once rank 0 has committed the output folder (or fails when it died)."""
@@ -119,7 +121,8 @@ def _prune_as_follower(model: Any, plan: Any, input_ids: torch.Tensor | None,
 
     layers: list[LayerStats] = []
     for result in prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
-                               progress=False, block_loader=load_block, group=group):
+                               progress=False, block_loader=load_block, group=group,
+                               activations=choice.placement if choice else "device"):
         streaming.release_block_(result.index)
         result.outputs = None
         layers.extend(result.layers)
@@ -128,7 +131,8 @@ def _prune_as_follower(model: Any, plan: Any, input_ids: torch.Tensor | None,
     n_samples, seq_len = input_ids.shape if input_ids is not None else (0, 0)
     return (PruneReport(layers=layers, n_blocks=n_blocks, n_samples=n_samples, seq_len=seq_len,
                         seconds=time.perf_counter() - start, recipe=recipe.to_dict(),
-                        model=str(folder), path="streaming", world_size=group.world_size),
+                        model=str(folder), path="streaming", world_size=group.world_size,
+                        activations=choice.describe() if choice else "none"),
             out, streaming, tokenizer)
 
 
@@ -137,14 +141,17 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
                     trust_remote_code: bool, dtype: Any, batch_size: int, progress: bool,
                     max_shard_size: int | str, data_dir: Any, format: str = "dense",
                     pattern: Any = None, group: ProcessGroup | None = None,
-                    ) -> tuple[PruneReport, Path, StreamingModel, Any]:
+                    activations: str = "auto") -> tuple[PruneReport, Path, StreamingModel, Any]:
     """Prune the checkpoint in ``folder`` block by block into ``out_dir`` (see the module
     docstring). Returns the report, the output folder, the (meta) model and tokenizer.
 
     ``group``: a multi-process run (:mod:`obs_compress.distributed`). Every rank reads the
     blocks and prunes with the others; only rank 0 opens the in-progress folder, writes and
     commits, and the others wait for its commit before they return. The next block's
-    inputs are split over the ranks, so such a run stores none and cannot be resumed."""
+    inputs are split over the ranks, so such a run stores none and cannot be resumed.
+    ``activations``: where the calibration activations are held
+    (:func:`~obs_compress.memory_plan.choose_activations`; ``disk``: a memory-mapped file in
+    the in-progress folder, or in the system's temporary folder on the other ranks)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from .api import _check_vocabulary
@@ -189,13 +196,20 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
                      "world_size": group.world_size if group is not None else 1},
     }
     n_samples, seq_len = input_ids.shape if input_ids is not None else (0, 0)
+    choice = None
+    if input_ids is not None:
+        held = (group.local_samples(input_ids) if group is not None else input_ids).shape[0]
+        choice = choose_activations(activations, activation_bytes(
+            config, held, seq_len, next(p.dtype for p in model.parameters())),
+            str(device) if device is not None and device.type != "cpu" else "cpu")
+        logger.info("calibration activations: %s", choice.describe())
     if group is not None:
         group.check_same("model, recipe, calibration and settings", identity)
         if not group.is_writer:
             return _prune_as_follower(model, plan, input_ids, streaming, group, recipe=recipe,
                                       folder=folder, out=out, tokenizer=tokenizer,
                                       device=device, batch_size=batch_size, n_blocks=n_blocks,
-                                      start=start)
+                                      start=start, choice=choice)
     work, record = open_progress(out, identity, n_blocks, resume=resume, overwrite=overwrite)
     writer = ShardWriter(work, layout, encodings)
     writer.restore(record.staged, record.shards)
@@ -217,7 +231,8 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
     for result in prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
                                progress=progress, block_loader=load_block,
                                start_block=record.blocks_done, start_inputs=start_inputs,
-                               group=group):
+                               group=group, activations=choice.placement if choice else "device",
+                               activations_dir=work):
         consumed = writer.add(streaming.block_state(result.index),
                               label=f"block-{result.index:05d}")
         streaming.release_block_(result.index)
@@ -245,7 +260,8 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
                          seconds=seconds_before + time.perf_counter() - run_start,
                          recipe=recipe.to_dict(), model=str(folder), path="streaming",
                          resumed_at_block=resumed_at,
-                         world_size=group.world_size if group is not None else 1)
+                         world_size=group.world_size if group is not None else 1,
+                         activations=choice.describe() if choice else "none")
     write_side_files(work, model, tokenizer=tokenizer, source=folder, recipe=recipe,
                      report=report, encodings=encodings)
     if record.inputs is not None:
