@@ -221,6 +221,7 @@ def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence
         with accumulate_inputs(modules, accumulators, stop_after=_stop_after(feeds, order)):
             for call in calls:
                 until_stopped(call, block)
+        del accumulators
         units = _solve_units(feeds)
         if group is not None:
             group.all_reduce_accumulators_([feed.accumulator for feed in feeds],
@@ -246,6 +247,7 @@ def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence
                 finalize_seconds = time.perf_counter() - start
                 prepared_cache: dict = {}
                 current = feed
+                feed.accumulator = None  # its sum is in the curvature now: free it
             solved[index] = _prune_layers(plans, curvature, hessian, prepared_cache,
                                           block_plan.index, finalize_seconds)
         current = curvature = hessian = prepared_cache = None
@@ -253,7 +255,7 @@ def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence
             group.share_solved_([plans for _, plans in units], owners, solved,
                                 f"block {block_plan.name}")
         stats.extend(layer_stats for unit_stats in solved for layer_stats in unit_stats)
-        del feeds, accumulators, units
+        del feeds, units
     position = {plan.layer.name: index for index, plan in enumerate(block_plan.layers)}
     return sorted(stats, key=lambda layer_stats: position[layer_stats.name])
 

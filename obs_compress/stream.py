@@ -216,6 +216,9 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
     resumed_at = record.blocks_done if record.blocks_done else None
     if record.blocks_done == 0 and not record.shards and not record.staged:
         writer.add(streaming.outside_state(), label="outside")
+        # Mapped afresh: the pages the writer just read would otherwise stay resident to the
+        # end (the head alone is vocab x hidden); the capture touches only the rows it embeds.
+        streaming.load_outside_blocks_()
         record.shards, record.staged = dict(writer.written), dict(writer.staged)
         write_manifest(work, record)
     start_inputs = _load_inputs(work, record.inputs) if record.inputs is not None else None
