@@ -155,7 +155,8 @@ def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None =
             dataset: Any = None, *, tokenizer: Any = None,
             device: str | torch.device | None = None, batch_size: int = 8,
             sequential: bool | None = None, progress: bool = True,
-            data_dir: str | os.PathLike | None = None) -> PruneReport:
+            data_dir: str | os.PathLike | None = None,
+            activations: str = "auto") -> PruneReport:
     """Prune ``model`` in place by ``recipe`` and return the per-layer report.
 
     The recipe is checked against the model (targets, N:M widths) before any weight
@@ -164,6 +165,8 @@ def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None =
     keeps the recipe's. ``data_dir``: the folder of the named data sets (else
     ``$OBS_COMPRESS_DATA_DIR``). An error past the checks (non-finite activations in block
     5, say) leaves the blocks before it pruned: reload the model before trying again.
+    ``activations``: where the calibration activations are held between blocks (``auto``,
+    ``device``, ``cpu``, ``disk``; :func:`obs_compress.memory_plan.choose_activations`).
     """
     recipe = load_recipe(recipe)
     plan = build_plan(model, recipe)
@@ -178,9 +181,19 @@ def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None =
     logger.info("calibrating on %d samples of %d tokens; pruning %d layers in %d blocks of %s",
                 input_ids.shape[0], input_ids.shape[1], len(plan.layers), len(plan.blocks),
                 plan.stack.name)
-    return prune_model(model, plan, input_ids, device=resolve_device(device),
-                       batch_size=batch_size, sequential=sequential, progress=progress,
-                       model_name=model_name)
+    from .memory_plan import activation_bytes, choose_activations
+
+    device = resolve_device(device)
+    held = activation_bytes(model.config, input_ids.shape[0], input_ids.shape[1],
+                            next(p.dtype for p in model.parameters()))
+    choice = choose_activations(activations, held, str(device) if device is not None
+                                and device.type != "cpu" else "cpu")
+    logger.info("calibration activations: %s", choice.describe())
+    report = prune_model(model, plan, input_ids, device=device, batch_size=batch_size,
+                         sequential=sequential, progress=progress, model_name=model_name,
+                         activations=choice.placement)
+    report.activations = choice.describe()
+    return report
 
 
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None,
@@ -265,6 +278,7 @@ class PruneRun:
     model: nn.Module  # a streaming run's is on the meta device: its weights are in out_dir
     tokenizer: Any
     seconds: float
+    rank: int = 0  # this process's rank in a multi-process run; rank 0 wrote out_dir
 
 
 def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLike | dict | None,
@@ -275,7 +289,9 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
                      max_shard_size: int | str = "2GB",
                      data_dir: str | os.PathLike | None = None, evaluate: Sequence[str] = (),
                      eval_windows: int | None = None, streaming: bool | None = None,
-                     resume: bool = False, format: str = "dense") -> PruneRun:
+                     resume: bool = False, format: str = "dense",
+                     dist_timeout_s: float | None = None,
+                     activations: str = "auto") -> PruneRun:
     """Load ``model`` (folder or hub id), prune it by ``recipe``, write it to ``out_dir``.
 
     The output folder and the calibration choice are checked first, so a refusal comes
@@ -291,6 +307,11 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
     streaming run of ``out_dir`` from its last finished block (refused if the recipe, model,
     calibration or settings differ). ``format``: how the pruned weights are stored
     (``dense``, ``bitmask``, ``nm``; docs/FORMAT.md), checked before the work.
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1), the processes prune together
+    (:mod:`obs_compress.distributed`, a process group with ``dist_timeout_s``, default
+    :data:`~obs_compress.distributed.DEFAULT_TIMEOUT_S`); that needs the streaming path, and
+    only rank 0 writes ``out_dir``.
     """
     from .export.formats import check_format
 
@@ -310,17 +331,33 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
         reason = streaming_refusal(source.resolve() if source.is_dir() else None, recipe,
                                    calibration, evaluate)
         if reason is None:
-            report, out, streamed, tokenizer = prune_streaming(
-                source.resolve(), recipe, out_dir, calibration=calibration,
-                device=resolve_device(device), overwrite=overwrite, resume=resume,
-                trust_remote_code=trust_remote_code, dtype=dtype, batch_size=batch_size,
-                progress=progress, max_shard_size=max_shard_size, data_dir=data_dir,
-                format=format)
+            from .distributed import DEFAULT_TIMEOUT_S, init_from_environment
+
+            group = init_from_environment(resolve_device(device), timeout_s=dist_timeout_s
+                                          if dist_timeout_s is not None else DEFAULT_TIMEOUT_S)
+            try:
+                report, out, streamed, tokenizer = prune_streaming(
+                    source.resolve(), recipe, out_dir, calibration=calibration,
+                    device=group.device if group is not None else resolve_device(device),
+                    overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code,
+                    dtype=dtype, batch_size=batch_size, progress=progress,
+                    max_shard_size=max_shard_size, data_dir=data_dir, format=format,
+                    group=group, activations=activations)
+            finally:
+                if group is not None:
+                    group.close()
             return PruneRun(report=report, out_dir=out, model=streamed.model,
-                            tokenizer=tokenizer, seconds=time.perf_counter() - start)
+                            tokenizer=tokenizer, seconds=time.perf_counter() - start,
+                            rank=group.rank if group is not None else 0)
         if streaming:
             raise InvalidArgument(f"cannot stream this run: {reason}")
         logger.info("loading the whole model (not streaming: %s)", reason)
+    from .distributed import world_size_from_environment
+
+    if world_size_from_environment() > 1:
+        raise InvalidArgument(f"several processes (WORLD_SIZE={world_size_from_environment()}) "
+                              f"prune on the streaming path only, and this run loads the whole "
+                              f"model ({reason})")
     if resume:
         raise InvalidArgument(f"--resume continues a streaming run, and this one loads the whole "
                               f"model ({reason})")
@@ -335,7 +372,8 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
 
     before = measure()
     report = oneshot(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer,
-                     device=device, batch_size=batch_size, progress=progress, data_dir=data_dir)
+                     device=device, batch_size=batch_size, progress=progress, data_dir=data_dir,
+                     activations=activations)
     report.model = loaded.source
     report.path = f"in-memory ({reason})"
     after = measure()

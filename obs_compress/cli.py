@@ -71,6 +71,7 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from .export.formats import FORMATS
+    from .memory_plan import ACTIVATIONS
 
     parser = argparse.ArgumentParser(
         prog="obs-compress", description=_DESCRIPTION, epilog=_EPILOG,
@@ -134,6 +135,13 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true",
                        help="print the memory plan (peak CPU and GPU memory, disk) from the "
                             "model's config and the recipe, and stop: no weight is read")
+    prune.add_argument("--activations", choices=ACTIVATIONS, default="auto",
+                       help="where the calibration activations are held between blocks: on the "
+                            "compute device, in CPU memory, or on disk (a memory-mapped file); "
+                            "auto: the device when they fit (the report and --dry-run say)")
+    prune.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                       help="under torchrun: how long a process waits for the others before "
+                            "it fails (default 1800)")
     prune.add_argument("--no-progress", action="store_true", help="no progress bar")
     prune.add_argument("--report", metavar="FILE",
                        help="also write the report JSON here (it is always in --out)")
@@ -229,7 +237,11 @@ def _run_prune(args: argparse.Namespace) -> int:
                                max_shard_size=args.max_shard_size, data_dir=args.data_dir,
                                evaluate=args.evaluate, eval_windows=args.eval_windows,
                                streaming=False if args.in_memory else None,
-                               resume=args.resume, format=args.format)
+                               resume=args.resume, format=args.format,
+                               dist_timeout_s=args.dist_timeout,
+                               activations=args.activations)
+    if run.rank != 0:  # rank 0 prints and writes the report for all
+        return 0
     print(run.report.table())
     print(f"wrote {run.out_dir} in {run.seconds:.1f} s")
     if args.report:
@@ -240,13 +252,15 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 def _print_memory_plan(args: argparse.Namespace, recipe) -> int:
     from .api import resolve_device
+    from .distributed import world_size_from_environment
     from .memory_plan import GIB, free_disk_bytes, plan_memory
 
     device = resolve_device(args.device)
     plan = plan_memory(args.model, recipe, device="cpu" if device is None else device.type,
                        dtype=None if args.dtype == "auto" else args.dtype,
                        batch_size=args.batch_size, streaming=not args.in_memory,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code,
+                       activations=args.activations, world_size=world_size_from_environment())
     print(plan.table())
     free = free_disk_bytes(args.out)
     if free is not None:

@@ -39,11 +39,13 @@ from tqdm.auto import tqdm
 from .algorithms import prune_weight
 from .algorithms.refit import row_losses
 from .curvature import block_output_factors, model_output_factors
+from .distributed import ProcessGroup, assign_by_cost, solve_cost
 from .errors import InvalidArgument, NonFiniteError, ObsCompressError
 from .math.hessian import Curvature, HessianAccumulator, RecursiveInverseAccumulator
 from .math.inverse import undamped_hessian
 from .math.kronecker import kronecker_row_weights
 from .model.blocks import PrunableLayer, module_device
+from .model.activations import ActivationStore
 from .model.capture import BlockCall, capture_block_inputs
 from .model.hooks import accumulate_inputs, input_hooks, on_device, until_stopped
 from .owl import owl_plan
@@ -216,15 +218,34 @@ def _row_weights(block: nn.Module, block_plan: BlockPlan, calls: Sequence[BlockC
     return weights
 
 
+def _solve_units(feeds: Sequence[_Feed]) -> list[tuple[_Feed, list[LayerPlan]]]:
+    """The solves of one pass, in order: per accumulator, its layers with the same settings
+    (stacked by rows into one ``prune_weight`` call)."""
+    units = []
+    for feed in feeds:
+        alike: dict[PruneSettings, list[LayerPlan]] = {}
+        for plan in feed.layers:
+            alike.setdefault(plan.settings, []).append(plan)
+        units.extend((feed, plans) for plans in alike.values())
+    return units
+
+
 def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence[BlockCall], *,
                         sequential: bool, expected_tokens: int, device: torch.device | None,
-                        order_cache: dict, curvature: CurvatureSettings | None = None,
+                        order_cache: dict, group: ProcessGroup | None = None,
+                        curvature: CurvatureSettings | None = None,
                         model_factors: dict[str, torch.Tensor] | None = None) -> list[LayerStats]:
-    """Accumulate, then prune every target layer of one block (in groups if ``sequential``)."""
+    """Accumulate, then prune every target layer of one block (in groups if ``sequential``).
+
+    With a process ``group``: the accumulators are summed over the ranks, each rank solves
+    the units :func:`~obs_compress.distributed.assign_by_cost` gives it, and the pruned
+    weights are broadcast, so every rank ends with the same block. ``curvature`` kronecker:
+    each layer's row factors from ``G`` (:func:`_row_weights`), taken before any change."""
     row_weights = (_row_weights(block, block_plan, calls, curvature, model_factors, device)
                    if curvature is not None else None)
     order = _execution_order(block, block_plan, calls[0], order_cache)
-    passes = [[group] for group in order.groups] if sequential else [order.groups]
+    passes = [[inputs] for inputs in order.groups] if sequential else [order.groups]
+    rank = group.rank if group is not None else 0
     stats: list[LayerStats] = []
     for groups in passes:
         feeds = _feeds(groups, expected_tokens, device)
@@ -233,24 +254,42 @@ def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence
         with accumulate_inputs(modules, accumulators, stop_after=_stop_after(feeds, order)):
             for call in calls:
                 until_stopped(call, block)
-        for feed in feeds:
-            start = time.perf_counter()
-            try:
-                curvature = feed.accumulator.finalize()
-            except ObsCompressError as exc:
-                raise _named(exc, feed.layers[0].layer.name) from exc
-            hessian = undamped_hessian(curvature)
-            finalize_seconds = time.perf_counter() - start
-            prepared_cache: dict = {}
-            alike: dict[PruneSettings, list[LayerPlan]] = {}
-            for plan in feed.layers:
-                alike.setdefault(plan.settings, []).append(plan)
-            for position, plans in enumerate(alike.values()):
-                stats.extend(_prune_layers(plans, curvature, hessian, prepared_cache,
-                                           block_plan.index,
-                                           finalize_seconds if position == 0 else 0.0,
-                                           row_weights=row_weights))
-        del feeds, accumulators
+        del accumulators
+        units = _solve_units(feeds)
+        if group is not None:
+            group.all_reduce_accumulators_([feed.accumulator for feed in feeds],
+                                           f"block {block_plan.name}")
+            owners = assign_by_cost([solve_cost(sum(p.layer.shape[0] for p in plans),
+                                                plans[0].layer.d_in, plans[0].settings.method)
+                                     for _, plans in units], group.world_size)
+        else:
+            owners = [0] * len(units)
+        solved: list[list[LayerStats] | None] = [None] * len(units)
+        current: _Feed | None = None
+        for index, ((feed, plans), owner) in enumerate(zip(units, owners)):
+            if owner != rank:
+                continue
+            finalize_seconds = 0.0
+            if feed is not current:  # one inverse per accumulator, taken by each rank using it
+                start = time.perf_counter()
+                try:
+                    curvature = feed.accumulator.finalize()
+                except ObsCompressError as exc:
+                    raise _named(exc, feed.layers[0].layer.name) from exc
+                hessian = undamped_hessian(curvature)
+                finalize_seconds = time.perf_counter() - start
+                prepared_cache: dict = {}
+                current = feed
+                feed.accumulator = None  # its sum is in the curvature now: free it
+            solved[index] = _prune_layers(plans, curvature, hessian, prepared_cache,
+                                          block_plan.index, finalize_seconds,
+                                          row_weights=row_weights)
+        current = curvature = hessian = prepared_cache = None
+        if group is not None:
+            group.share_solved_([plans for _, plans in units], owners, solved,
+                                f"block {block_plan.name}")
+        stats.extend(layer_stats for unit_stats in solved for layer_stats in unit_stats)
+        del feeds, units
     position = {plan.layer.name: index for index, plan in enumerate(block_plan.layers)}
     return sorted(stats, key=lambda layer_stats: position[layer_stats.name])
 
@@ -365,7 +404,9 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
                             expected_tokens: int, device: torch.device | None,
                             sequential: bool, block_loader: BlockLoader | None,
                             start_block: int, start_inputs: Sequence[torch.Tensor] | None,
-                            ) -> Iterator[tuple[BlockPlan, list[LayerStats], list[torch.Tensor]]]:
+                            group: ProcessGroup | None = None,
+                            activations: str = "device",
+                            activations_dir: Any = None) -> Iterator[tuple[BlockPlan, list[LayerStats], list[torch.Tensor]]]:
     order_cache: dict = {}
     calls = capture_block_inputs(model, plan.stack, batches, device=device)
     if start_inputs is not None:  # a resumed run: the inputs block ``start_block`` received
@@ -374,8 +415,6 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
                                   f"{start_block}, but the calibration has {len(calls)}")
         for call, hidden in zip(calls, start_inputs):
             call.hidden_states = hidden.to(call.hidden_states.device)
-    if plan.recipe.block_sparsity.method == "owl":
-        plan = owl_plan(plan, calls, device)
     curvature = plan.recipe.curvature
     model_factors = None
     if curvature.kind == "kronecker" and curvature.loss != "block_reconstruction":
@@ -383,26 +422,38 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
         model_factors = model_output_factors(
             model, plan.stack, torch.cat(list(batches)), [p.layer for p in plan.layers],
             loss=curvature.loss, seed=curvature.seed, device=device)
-    for block_plan in plan.blocks[start_block:]:
-        if block_loader is not None:
-            block_loader(block_plan)
-        with on_device(block_plan.module, device) as block:
-            stats = (_prune_block_layers(block, block_plan, calls, sequential=sequential,
-                                         expected_tokens=expected_tokens, device=device,
-                                         order_cache=order_cache, curvature=curvature,
-                                         model_factors=model_factors)
-                     if block_plan.layers else [])
-            for call in calls:
-                call.hidden_states = call(block)
-                _check_finite_outputs(call.hidden_states, block_plan.name, stats)
-        yield block_plan, stats, [call.hidden_states for call in calls]
+    store = ActivationStore(activations, device, activations_dir)
+    try:
+        store.hold_(calls)
+        if plan.recipe.block_sparsity.method == "owl":
+            plan = owl_plan(plan, calls, device)
+        for block_plan in plan.blocks[start_block:]:
+            if block_loader is not None:
+                block_loader(block_plan)
+            with on_device(block_plan.module, device) as block:
+                stats = (_prune_block_layers(block, block_plan, calls, sequential=sequential,
+                                             expected_tokens=expected_tokens, device=device,
+                                             order_cache=order_cache, group=group,
+                                             curvature=curvature, model_factors=model_factors)
+                         if block_plan.layers else [])
+                for call in calls:
+                    hidden = call(block)
+                    _check_finite_outputs(hidden, block_plan.name, stats)
+                    store.replace_(call, hidden)
+                    del hidden
+            # Held on CPU or disk, these are overwritten by the next block: use them first.
+            yield block_plan, stats, [call.hidden_states for call in calls]
+    finally:
+        store.close()
 
 
 def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | None, *,
                  device: torch.device | str | None = None, batch_size: int = 8,
                  sequential: bool | None = None, progress: bool = True,
                  block_loader: BlockLoader | None = None, start_block: int = 0,
-                 start_inputs: Sequence[torch.Tensor] | None = None) -> Iterator[BlockResult]:
+                 start_inputs: Sequence[torch.Tensor] | None = None,
+                 group: ProcessGroup | None = None, activations: str = "device",
+                 activations_dir: Any = None) -> Iterator[BlockResult]:
     """Prune ``model`` in place, block by block, yielding each :class:`BlockResult` when done.
 
     ``input_ids: (n_samples, seq_len)`` calibration tokens, or None to prune from the
@@ -416,6 +467,16 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
     are read from disk then). ``start_block``/``start_inputs``: a resumed run starts at that
     block, with the hidden states it received (one tensor per batch; None without data).
     Each result carries the hidden states the block produced (``outputs``).
+
+    ``group``: this process's place in a multi-process run (:mod:`obs_compress.distributed`):
+    it forwards only its share of ``input_ids``, the Hessians are summed over the ranks and
+    each block's layers are solved on different ranks; every rank gets the same pruned model
+    and the same results. ``outputs`` are then this rank's share.
+
+    ``activations``: where the calibration hidden states are held between blocks,
+    ``device``, ``cpu`` or ``disk`` (a memory-mapped file in ``activations_dir``;
+    :mod:`obs_compress.model.activations`); the pruned weights are the same in each. Held
+    on CPU or disk, a result's ``outputs`` are valid until the next block is worked on.
     """
     sequential = plan.recipe.sequential if sequential is None else sequential
     device = torch.device(device) if device is not None else None
@@ -425,11 +486,23 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
                     "%s from their weights alone", len(plan.layers), len(plan.blocks),
                     plan.stack.name)
     else:
-        batches = _batches(input_ids, batch_size)
+        _batches(input_ids, batch_size)  # checks the ids and batch size on the whole set
+        if group is not None:
+            recursive = sorted({p.layer.name for p in plan.layers if _uses_recursive(p.settings)})
+            if recursive:
+                raise InvalidArgument(f"inverse: recursive keeps H^-1, which cannot be summed "
+                                      f"over {group.world_size} processes (layers "
+                                      f"{', '.join(recursive[:3])}{', ...' if len(recursive) > 3 else ''}): "
+                                      "use inverse: cholesky with several processes")
+            if plan.recipe.block_sparsity.method == "owl":
+                raise InvalidArgument("block_sparsity owl does not run with several processes "
+                                      "(its dense pass is not split over the ranks)")
+        batches = _batches(group.local_samples(input_ids) if group is not None else input_ids,
+                           batch_size)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(plan.blocks), initial=start_block, desc="pruning", unit="block",
-               disable=not progress)
+               disable=not progress or (group is not None and not group.is_writer))
     try:
         with torch.no_grad():
             blocks = (_prune_blocks_without_data(plan, block_loader=block_loader,
@@ -439,7 +512,9 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
                                               expected_tokens=input_ids.numel(), device=device,
                                               sequential=sequential, block_loader=block_loader,
                                               start_block=start_block,
-                                              start_inputs=start_inputs))
+                                              start_inputs=start_inputs, group=group,
+                                              activations=activations,
+                                              activations_dir=activations_dir))
             start = time.perf_counter()
             for block_plan, stats, outputs in blocks:
                 seconds = time.perf_counter() - start
@@ -461,14 +536,20 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
 def prune_model(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | None, *,
                 device: torch.device | str | None = None, batch_size: int = 8,
                 sequential: bool | None = None, progress: bool = True,
-                model_name: str = "") -> PruneReport:
+                model_name: str = "", activations: str = "device") -> PruneReport:
     """Run :func:`prune_blocks` to the end and summarize it (no samples: ``input_ids`` None)."""
     start = time.perf_counter()
-    results = list(prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
-                                sequential=sequential, progress=progress))
+    results = []
+    for result in prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
+                               sequential=sequential, progress=progress,
+                               activations=activations):
+        result.outputs = None  # else every block's hidden states would be kept to the end
+        results.append(result)
     n_samples, seq_len = input_ids.shape if input_ids is not None else (0, 0)
-    return summarize(results, n_samples=n_samples, seq_len=seq_len,
-                     seconds=time.perf_counter() - start, recipe=plan.recipe, model=model_name)
+    report = summarize(results, n_samples=n_samples, seq_len=seq_len,
+                       seconds=time.perf_counter() - start, recipe=plan.recipe, model=model_name)
+    report.activations = activations if input_ids is not None else "none"
+    return report
 
 
 __all__ = ["prune_blocks", "prune_model", "reconstruction_loss"]

@@ -36,3 +36,8 @@ class UnsupportedModel(ObsCompressError, ValueError):
 class CheckpointFormatError(ObsCompressError, ValueError):
     """A stored tensor of a compressed checkpoint is inconsistent (shape, count, dtype,
     checksum) or names a format outside the fixed table; the message names the tensor."""
+
+
+class DistributedError(ObsCompressError, RuntimeError):
+    """A multi-process run lost a peer (it died, or did not answer within the process-group
+    timeout) or its processes disagree; the message names the rank and the step."""

@@ -8,8 +8,9 @@ and each quantity the run holds at its peak counted from the shapes. What the dr
 * weights: the whole model (in-memory path) or the tensors outside the block stack plus the
   largest block (streaming path, :mod:`obs_compress.stream`), in the model's dtype;
 * calibration activations: the hidden states entering the current block, ``n_samples x
-  seq_len x hidden`` in the model's dtype, kept on the compute device, plus one batch's
-  re-forward output beside them;
+  seq_len x hidden`` in the model's dtype (1/N of it on each of N processes), where
+  :func:`choose_activations` puts them (the compute device, CPU memory, or a memory-mapped
+  file on disk), plus one batch's re-forward output on the device beside them;
 * one batch's forward working set inside a block: ``batch x seq_len x intermediate`` for the
   MLP's three products and the eager attention scores ``batch x heads x seq_len²`` (fp32);
 * Hessian accumulators: ``d_in²`` in fp32 per target layer of the block. Layers fed the same
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import InvalidArgument, ModelLoadError
 from .model.blocks import find_block_stack
 from .plan import build_plan
 
@@ -44,6 +45,78 @@ FP32 = 4
 # loaded: 0.40 GiB measured (CPU build, torch 2.13, transformers 5.17); rounded up for the
 # tokenizer and the calibration text.
 RUNTIME_BYTES = int(0.5 * GIB)
+
+
+ACTIVATIONS = ("auto", "device", "cpu", "disk")
+# auto keeps the activations where they fit in this share of the free memory: the rest is
+# for the block, its Hessians and the solve (and, on the CPU, the other processes).
+ACTIVATIONS_FREE_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class ActivationChoice:
+    placement: str  # "device", "cpu" or "disk"
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.placement} ({self.reason})"
+
+
+def available_cpu_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _free_device_bytes(device: str) -> int | None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return None
+
+
+def choose_activations(requested: str, n_bytes: int, device: str, *,
+                       free_device: int | None = None,
+                       free_cpu: int | None = None) -> ActivationChoice:
+    """Where ``n_bytes`` of calibration activations are held (:data:`ACTIVATIONS`).
+
+    ``auto``: on the compute device when they take at most :data:`ACTIVATIONS_FREE_SHARE`
+    of its free memory (a CPU device: of ``MemAvailable``), else in CPU memory under the same
+    rule, else on disk. ``free_device``/``free_cpu``: the free bytes (None: measured now)."""
+    if requested not in ACTIVATIONS:
+        raise InvalidArgument(f"activations {requested!r}: allowed are {', '.join(ACTIVATIONS)}")
+    if requested != "auto":
+        return ActivationChoice(requested, "asked for")
+    free_cpu = available_cpu_bytes() if free_cpu is None else free_cpu
+    size = f"{n_bytes / GIB:.3g} GiB"
+    if device == "cpu":
+        if free_cpu is None or n_bytes <= ACTIVATIONS_FREE_SHARE * free_cpu:
+            return ActivationChoice("device", f"auto: {size} fit in CPU memory")
+        return ActivationChoice("disk", f"auto: {size} exceed half of the "
+                                        f"{free_cpu / GIB:.3g} GiB of free CPU memory")
+    free_device = _free_device_bytes(device) if free_device is None else free_device
+    if free_device is None or n_bytes <= ACTIVATIONS_FREE_SHARE * free_device:
+        return ActivationChoice("device", f"auto: {size} fit on {device}")
+    if free_cpu is None or n_bytes <= ACTIVATIONS_FREE_SHARE * free_cpu:
+        return ActivationChoice("cpu", f"auto: {size} exceed half of the {free_device / GIB:.3g} "
+                                       f"GiB free on {device}")
+    return ActivationChoice("disk", f"auto: {size} exceed half of the free memory on {device} "
+                                    "and on the CPU")
+
+
+def hidden_size(config: Any) -> int:
+    """The width of the hidden states between blocks, from a transformers config."""
+    return int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)
+               or getattr(config, "d_model", 0))
+
+
+def activation_bytes(config: Any, n_samples: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of the hidden states of ``n_samples x seq_len`` tokens between two blocks."""
+    return n_samples * seq_len * hidden_size(config) * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -124,9 +197,12 @@ def _bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
 
 def plan_memory(model: str | os.PathLike, recipe: Any, *, device: str = "cpu",
                 dtype: torch.dtype | str | None = None, batch_size: int = 8,
-                streaming: bool = True, trust_remote_code: bool = False) -> MemoryPlan:
+                streaming: bool = True, trust_remote_code: bool = False,
+                activations: str = "auto", world_size: int = 1) -> MemoryPlan:
     """The memory plan (see the module docstring) of pruning ``model`` (a folder or hub id
-    whose ``config.json`` is read, nothing else) with ``recipe`` on ``device``."""
+    whose ``config.json`` is read, nothing else) with ``recipe`` on ``device``, per process of
+    ``world_size``; ``activations`` placed by :func:`choose_activations` (``auto``: by the
+    memory free now)."""
     from .model.loading import _model_class
     from .model.streaming import parameters_on_meta
 
@@ -149,12 +225,12 @@ def plan_memory(model: str | os.PathLike, recipe: Any, *, device: str = "cpu",
 
     calibration = recipe.calibration
     uses_data = calibration.source != "none"
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)
-                 or getattr(config, "d_model", 0))
+    hidden = hidden_size(config)
     intermediate = int(getattr(config, "intermediate_size", 0) or getattr(config, "n_inner", 0)
                        or 4 * hidden)
     heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 1)
     tokens = calibration.n_samples * calibration.seq_len
+    local_samples = -(-calibration.n_samples // world_size)  # rank 0 holds the largest share
     batch = min(batch_size, calibration.n_samples)
 
     items = [MemoryItem("Python, torch and transformers", "cpu", RUNTIME_BYTES)]
@@ -168,10 +244,15 @@ def plan_memory(model: str | os.PathLike, recipe: Any, *, device: str = "cpu",
             items.append(MemoryItem("the largest block's weights (onloaded)", compute,
                                     block_bytes))
     notes = []
+    if world_size > 1:
+        notes.append(f"per process of {world_size} (torch.distributed): each holds its share of "
+                     "the calibration samples, and each reads every block")
     if uses_data:
-        items.append(MemoryItem(f"calibration activations ({calibration.n_samples} x "
-                                f"{calibration.seq_len} x {hidden})", compute,
-                                tokens * hidden * element))
+        held = local_samples * calibration.seq_len * hidden * element
+        choice = choose_activations(activations, held, "cpu" if compute == "cpu" else device)
+        where = {"device": compute, "cpu": "cpu", "disk": "disk"}[choice.placement]
+        items.append(MemoryItem(f"calibration activations ({local_samples} x "
+                                f"{calibration.seq_len} x {hidden})", where, held))
         items.append(MemoryItem(f"one batch re-forwarded ({batch} x {calibration.seq_len})",
                                 compute, batch * calibration.seq_len * hidden * element))
         items.append(MemoryItem("one batch's forward inside a block (MLP, attention scores)",
@@ -191,9 +272,8 @@ def plan_memory(model: str | os.PathLike, recipe: Any, *, device: str = "cpu",
             items.append(MemoryItem(f"solving {largest.layer.name.split('.')[-1]} "
                                     f"({d_out} x {d_in}): inverse, factor, H, weights",
                                     compute, (3 * d_in * d_in + 3 * d_out * d_in) * FP32))
-        notes.append("activations are kept on the compute device for the whole run; where "
-                      "they do not fit, lower calibration.n_samples or seq_len (offloading "
-                      "them to CPU or disk is not implemented yet)")
+        notes.append(f"activations: {choice.describe()}; --activations device|cpu|disk "
+                     "chooses (disk: a memory-mapped file in the work folder)")
     else:
         notes.append("calibration source none: no activations, no Hessians")
     items.append(MemoryItem("the output checkpoint (dense format)", "disk", total_bytes))

@@ -108,6 +108,9 @@ class PruneReport:
     # block at a time from the safetensors files), and why when not the default.
     path: str = "in-memory"
     resumed_at_block: int | None = None  # a resumed run: the first block it pruned itself
+    world_size: int = 1  # processes that pruned together (torch.distributed), rank 0 wrote
+    # Where the calibration activations were held between blocks (device, cpu, disk; why).
+    activations: str = "device"
 
     @property
     def pruned(self) -> int:
@@ -137,6 +140,8 @@ class PruneReport:
             "perplexity": self.perplexity,
             "path": self.path,
             "resumed_at_block": self.resumed_at_block,
+            "world_size": self.world_size,
+            "activations": self.activations,
             "dampening_raised": [s.name for s in self.raised_dampening],
             "loss_units": LOSS_UNITS,
             "layers": [s.to_dict() for s in self.layers],
@@ -166,7 +171,8 @@ class PruneReport:
         lines.append("-" * len(header))
         lines.append(f"{len(self.layers)} layers in {self.n_blocks} blocks: global sparsity "
                      f"{self.global_sparsity:.4f} ({self.pruned:,} of {self.total:,} weights), "
-                     f"{self.seconds:.1f} s ({self.path})")
+                     f"{self.seconds:.1f} s ({self.path}"
+                     + (f", {self.world_size} processes" if self.world_size > 1 else "") + ")")
         raised = self.raised_dampening
         if raised:
             count = f"{len(raised)} layer{'s' if len(raised) != 1 else ''}"

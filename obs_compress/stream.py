@@ -29,12 +29,15 @@ from typing import Any
 
 import torch
 
+from .distributed import ProcessGroup
 from .driver import prune_blocks
+from .errors import InvalidArgument
 from .export.checkpoint import (_tool_version, check_output_dir, check_shard_size,
                                 commit_folder, resolve_nm_pattern, write_side_files)
 from .export.encoding import plan_encodings
 from .export.progress import MANIFEST_NAME, open_progress, write_manifest
 from .export.shards import STAGING_DIR, ShardWriter, checkpoint_layout, write_safetensors
+from .memory_plan import ActivationChoice, activation_bytes, choose_activations
 from .model.loading import _check_local_folder, _model_class
 from .model.streaming import StreamingModel, open_streaming_model
 from .plan import build_plan
@@ -107,19 +110,59 @@ def _layer_stats(data: dict[str, Any]) -> LayerStats:
     return LayerStats(**{**fields, "shape": tuple(fields["shape"])})
 
 
+def _prune_as_follower(model: Any, plan: Any, input_ids: torch.Tensor | None,
+                       streaming: StreamingModel, group: ProcessGroup, *, recipe: Any,
+                       folder: Path, out: Path, tokenizer: Any, device: torch.device | None,
+                       batch_size: int, n_blocks: int, start: float,
+                       choice: ActivationChoice | None,
+                       ) -> tuple[PruneReport, Path, StreamingModel, Any]:
+    """A rank other than 0: the same blocks pruned with the others, nothing written; returns
+    once rank 0 has committed the output folder (or fails when it died)."""
+    def load_block(block_plan) -> None:
+        streaming.load_block_(block_plan.index, [p.layer.name for p in block_plan.layers])
+
+    layers: list[LayerStats] = []
+    for result in prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
+                               progress=False, block_loader=load_block, group=group,
+                               activations=choice.placement if choice else "device"):
+        streaming.release_block_(result.index)
+        result.outputs = None
+        layers.extend(result.layers)
+    group.barrier("rank 0 to write and commit the output folder")
+    streaming.close()
+    n_samples, seq_len = input_ids.shape if input_ids is not None else (0, 0)
+    return (PruneReport(layers=layers, n_blocks=n_blocks, n_samples=n_samples, seq_len=seq_len,
+                        seconds=time.perf_counter() - start, recipe=recipe.to_dict(),
+                        model=str(folder), path="streaming", world_size=group.world_size,
+                        activations=choice.describe() if choice else "none"),
+            out, streaming, tokenizer)
+
+
 def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, calibration: Any,
                     device: torch.device | None, overwrite: bool, resume: bool,
                     trust_remote_code: bool, dtype: Any, batch_size: int, progress: bool,
                     max_shard_size: int | str, data_dir: Any, format: str = "dense",
-                    pattern: Any = None) -> tuple[PruneReport, Path,
-                                                                      StreamingModel, Any]:
+                    pattern: Any = None, group: ProcessGroup | None = None,
+                    activations: str = "auto") -> tuple[PruneReport, Path, StreamingModel, Any]:
     """Prune the checkpoint in ``folder`` block by block into ``out_dir`` (see the module
-    docstring). Returns the report, the output folder, the (meta) model and tokenizer."""
+    docstring). Returns the report, the output folder, the (meta) model and tokenizer.
+
+    ``group``: a multi-process run (:mod:`obs_compress.distributed`). Every rank reads the
+    blocks and prunes with the others; only rank 0 opens the in-progress folder, writes and
+    commits, and the others wait for its commit before they return. The next block's
+    inputs are split over the ranks, so such a run stores none and cannot be resumed.
+    ``activations``: where the calibration activations are held
+    (:func:`~obs_compress.memory_plan.choose_activations`; ``disk``: a memory-mapped file in
+    the in-progress folder, or in the system's temporary folder on the other ranks)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from .api import _check_vocabulary
 
     start = time.perf_counter()
+    if group is not None and resume:
+        raise InvalidArgument(f"--resume continues a single-process run; this one has "
+                              f"{group.world_size} processes, whose next-block inputs are "
+                              "split over the ranks and not stored")
     out = check_output_dir(out_dir, overwrite=overwrite, source=folder)
     shard_bytes = check_shard_size(max_shard_size)
     _check_local_folder(folder, allow_pickle=False)
@@ -151,14 +194,33 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
         "settings": {"dtype": str(next(p.dtype for p in model.parameters())),
                      "batch_size": batch_size, "max_shard_size": shard_bytes,
                      "format": format, "pattern": str(nm) if nm else None,
-                     "device": device.type if device is not None else "cpu"},
+                     "device": device.type if device is not None else "cpu",
+                     "world_size": group.world_size if group is not None else 1},
     }
+    n_samples, seq_len = input_ids.shape if input_ids is not None else (0, 0)
+    choice = None
+    if input_ids is not None:
+        held = (group.local_samples(input_ids) if group is not None else input_ids).shape[0]
+        choice = choose_activations(activations, activation_bytes(
+            config, held, seq_len, next(p.dtype for p in model.parameters())),
+            str(device) if device is not None and device.type != "cpu" else "cpu")
+        logger.info("calibration activations: %s", choice.describe())
+    if group is not None:
+        group.check_same("model, recipe, calibration and settings", identity)
+        if not group.is_writer:
+            return _prune_as_follower(model, plan, input_ids, streaming, group, recipe=recipe,
+                                      folder=folder, out=out, tokenizer=tokenizer,
+                                      device=device, batch_size=batch_size, n_blocks=n_blocks,
+                                      start=start, choice=choice)
     work, record = open_progress(out, identity, n_blocks, resume=resume, overwrite=overwrite)
     writer = ShardWriter(work, layout, encodings)
     writer.restore(record.staged, record.shards)
     resumed_at = record.blocks_done if record.blocks_done else None
     if record.blocks_done == 0 and not record.shards and not record.staged:
         writer.add(streaming.outside_state(), label="outside")
+        # Mapped afresh: the pages the writer just read would otherwise stay resident to the
+        # end (the head alone is vocab x hidden); the capture touches only the rows it embeds.
+        streaming.load_outside_blocks_()
         record.shards, record.staged = dict(writer.written), dict(writer.staged)
         write_manifest(work, record)
     start_inputs = _load_inputs(work, record.inputs) if record.inputs is not None else None
@@ -173,12 +235,14 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
     layers = [_layer_stats(data) for data in record.layers]
     for result in prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
                                progress=progress, block_loader=load_block,
-                               start_block=record.blocks_done, start_inputs=start_inputs):
+                               start_block=record.blocks_done, start_inputs=start_inputs,
+                               group=group, activations=choice.placement if choice else "device",
+                               activations_dir=work):
         consumed = writer.add(streaming.block_state(result.index),
                               label=f"block-{result.index:05d}")
         streaming.release_block_(result.index)
         old_inputs = record.inputs
-        if result.outputs is not None and result.index + 1 < n_blocks:
+        if result.outputs is not None and result.index + 1 < n_blocks and group is None:
             stored = time.perf_counter()
             record.inputs = _save_inputs(work, result.index + 1, result.outputs)
             logger.info("stored the inputs of block %d (%.1f MB) in %.2f s, for a resume",
@@ -197,11 +261,12 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
         if old_inputs is not None and old_inputs != record.inputs:
             (work / old_inputs["file"]).unlink(missing_ok=True)
     writer.finish()
-    n_samples, seq_len = input_ids.shape if input_ids is not None else (0, 0)
     report = PruneReport(layers=layers, n_blocks=n_blocks, n_samples=n_samples, seq_len=seq_len,
                          seconds=seconds_before + time.perf_counter() - run_start,
                          recipe=recipe.to_dict(), model=str(folder), path="streaming",
-                         resumed_at_block=resumed_at)
+                         resumed_at_block=resumed_at,
+                         world_size=group.world_size if group is not None else 1,
+                         activations=choice.describe() if choice else "none")
     write_side_files(work, model, tokenizer=tokenizer, source=folder, recipe=recipe,
                      report=report, encodings=encodings)
     if record.inputs is not None:
@@ -209,6 +274,8 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
     shutil.rmtree(work / STAGING_DIR, ignore_errors=True)
     (work / MANIFEST_NAME).unlink()
     commit_folder(work, out, overwrite=overwrite, source=folder)
+    if group is not None:
+        group.barrier("every rank to finish")
     streaming.close()
     logger.info("wrote %s (streaming, %.1f s)", out, time.perf_counter() - start)
     return report, out, streaming, tokenizer

@@ -188,3 +188,17 @@ def test_recursive_accumulator_needs_a_scale():
         RecursiveInverseAccumulator(8)
     with pytest.raises(InvalidArgument, match="alpha must be > 0"):
         RecursiveInverseAccumulator(8, alpha=0.0)
+
+
+@pytest.mark.parametrize("d_in", [7, 300, 1000])
+def test_finalize_mirrors_the_upper_triangle_bit_for_bit(d_in):
+    """The banded in-place mirror gives the bytes of (upper + upper.triu(1).T) * (2 / n)."""
+    torch.manual_seed(d_in)
+    acc = HessianAccumulator(d_in)
+    x = torch.randn(333, d_in)
+    x[:, 3] = 0  # a dead input
+    acc.add_batch(x)
+    acc.add_batch(torch.randn(50, d_in))
+    upper = acc.sum_outer.triu()
+    expected = (upper + upper.triu(1).T) * (2.0 / acc.n_tokens)
+    assert acc.finalize().hessian.numpy().tobytes() == expected.numpy().tobytes()

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 # on a 2-core CPU 27% (d_in 576) to 41% (d_in 1536) less time per 4096-token batch.
 TRIANGLE_MIN_WIDTH = 256
 TRIANGLE_PANELS = 4
+# finalize mirrors the triangle in this many bands of rows (its temporaries: d_in^2 / bands).
+MIRROR_BANDS = 8
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,17 @@ class HessianAccumulator:
     def finalize(self) -> Curvature:
         if self.n_tokens == 0:
             raise InvalidArgument(f"layer {self.name or '?'}: no calibration tokens were seen")
-        upper = self.sum_outer.triu()
-        hessian = (upper + upper.triu(1).T) * (2.0 / self.n_tokens)
+        # The upper triangle mirrored a band of rows at a time, then scaled in place: one new
+        # d_in^2 tensor (not four: at d_in 8192 that is 0.27 instead of 1.1 GB at the peak of
+        # a block) and bit for bit (upper + upper.triu(1).T) * (2 / n).
+        hessian = self.sum_outer.triu()
+        step = -(-self.d_in // MIRROR_BANDS)
+        for start in range(0, self.d_in, step):
+            stop = min(start + step, self.d_in)
+            hessian[start:stop, :start] += hessian[:start, start:stop].T  # 0 + x, as before
+            band = hessian[start:stop, start:stop]
+            band.copy_(band + band.triu(1).T)
+        hessian.mul_(2.0 / self.n_tokens)
         return Curvature(hessian=hessian, n_tokens=self.n_tokens,
                          dead_inputs=torch.diagonal(hessian) == 0, name=self.name)
 

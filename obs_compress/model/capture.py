@@ -49,11 +49,16 @@ class BlockCall:
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     hidden_key: str | None = None  # None: hidden states are the first positional argument
+    # Where the block runs, when the hidden states are held elsewhere (CPU or disk,
+    # model/activations.py): they are moved there for each call. None: used where they are.
+    device: torch.device | None = None
 
     def __call__(self, block: nn.Module, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``block`` on this call's arguments (or on ``hidden_states`` in their place);
         returns the block's output hidden states."""
         hidden = self.hidden_states if hidden_states is None else hidden_states
+        if self.device is not None and hidden.device != self.device:
+            hidden = hidden.to(self.device, non_blocking=True)
         if self.hidden_key is None:
             output = block(hidden, *self.args, **self.kwargs)
         else:
