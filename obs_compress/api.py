@@ -159,6 +159,10 @@ def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None =
             activations: str = "auto") -> PruneReport:
     """Prune ``model`` in place by ``recipe`` and return the per-layer report.
 
+    A recipe with a ``structured`` section removes whole MLP channels and attention heads and
+    then shrinks ``model`` in place (smaller ``nn.Linear`` modules, an updated config): the
+    report's ``structure`` says what each block lost and ``parameters`` the counts.
+
     The recipe is checked against the model (targets, N:M widths) before any weight
     changes. ``device``: where each block runs (``"auto"``, ``"cuda"``, ``"cpu"``; None:
     where the model is); only one block at a time is moved there. ``sequential``: None
@@ -193,6 +197,11 @@ def oneshot(model: nn.Module, recipe: Recipe | str | os.PathLike | dict | None =
                          sequential=sequential, progress=progress, model_name=model_name,
                          activations=choice.placement)
     report.activations = choice.describe()
+    if plan.structured is not None:  # drop the masked rows and columns: a smaller model
+        from .structured import shrink_pruned_model_
+
+        before, after = shrink_pruned_model_(model, plan, report.structure)
+        report.parameters = {"before": before, "after": after}
     return report
 
 
@@ -318,6 +327,9 @@ def prune_checkpoint(model: str | os.PathLike, recipe: Recipe | str | os.PathLik
     check_format(format)
     start = time.perf_counter()
     recipe = load_recipe(recipe)
+    if recipe.structured.active and format != "dense":
+        raise InvalidArgument(f"format {format} stores unstructured sparsity; structured removal "
+                              "writes a smaller dense model: use format dense")
     source = Path(model).expanduser()
     check_output_dir(out_dir, overwrite=overwrite, source=source if source.exists() else None)
     check_shard_size(max_shard_size)

@@ -51,7 +51,8 @@ from .model.hooks import accumulate_inputs, input_hooks, on_device, until_stoppe
 from .owl import owl_plan
 from .plan import BlockPlan, LayerPlan, PrunePlan, check_runs_without_data
 from .recipe import CurvatureSettings, PruneSettings
-from .report import BlockResult, LayerStats, PruneReport, summarize
+from .structured import remove_block_structure
+from .report import BlockResult, LayerStats, PruneReport, StructureStats, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -390,14 +391,14 @@ def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 def _prune_blocks_without_data(plan: PrunePlan, *, block_loader: BlockLoader | None,
                                start_block: int) -> Iterator[tuple[BlockPlan, list[LayerStats],
-                                                                   None]]:
+                                                                   None, None]]:
     """Magnitude pruning from the weights alone: no capture, no forward, no device moves."""
     for block_plan in plan.blocks[start_block:]:
         if block_loader is not None:
             block_loader(block_plan)
         yield block_plan, [stats for layer_plan in block_plan.layers
                            for stats in _prune_layers([layer_plan], None, None, {},
-                                                      block_plan.index)], None
+                                                      block_plan.index)], None, None
 
 
 def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence[torch.Tensor], *,
@@ -406,7 +407,9 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
                             start_block: int, start_inputs: Sequence[torch.Tensor] | None,
                             group: ProcessGroup | None = None,
                             activations: str = "device",
-                            activations_dir: Any = None) -> Iterator[tuple[BlockPlan, list[LayerStats], list[torch.Tensor]]]:
+                            activations_dir: Any = None) -> Iterator[
+                                tuple[BlockPlan, list[LayerStats], list[torch.Tensor],
+                                      StructureStats | None]]:
     order_cache: dict = {}
     calls = capture_block_inputs(model, plan.stack, batches, device=device)
     if start_inputs is not None:  # a resumed run: the inputs block ``start_block`` received
@@ -436,13 +439,16 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
                                              order_cache=order_cache, group=group,
                                              curvature=curvature, model_factors=model_factors)
                          if block_plan.layers else [])
+                structure = (remove_block_structure(block, block_plan, plan.structured, calls,
+                                                    plan.recipe, device)
+                             if block_plan.structure is not None else None)
                 for call in calls:
                     hidden = call(block)
                     _check_finite_outputs(hidden, block_plan.name, stats)
                     store.replace_(call, hidden)
                     del hidden
             # Held on CPU or disk, these are overwritten by the next block: use them first.
-            yield block_plan, stats, [call.hidden_states for call in calls]
+            yield block_plan, stats, [call.hidden_states for call in calls], structure
     finally:
         store.close()
 
@@ -497,6 +503,9 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
             if plan.recipe.block_sparsity.method == "owl":
                 raise InvalidArgument("block_sparsity owl does not run with several processes "
                                       "(its dense pass is not split over the ranks)")
+            if plan.structured is not None:
+                raise InvalidArgument("structured removal does not run with several processes "
+                                      "(it loads the whole model)")
         batches = _batches(group.local_samples(input_ids) if group is not None else input_ids,
                            batch_size)
     was_training = model.training
@@ -516,11 +525,11 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
                                               activations=activations,
                                               activations_dir=activations_dir))
             start = time.perf_counter()
-            for block_plan, stats, outputs in blocks:
+            for block_plan, stats, outputs, structure in blocks:
                 seconds = time.perf_counter() - start
                 result = BlockResult(index=block_plan.index, name=block_plan.name,
                                      module=block_plan.module, layers=stats, seconds=seconds,
-                                     outputs=outputs)
+                                     outputs=outputs, structure=structure)
                 logger.info("%s", result.describe(len(plan.blocks)))
                 bar.update(1)
                 predicted = [s.predicted_loss for s in stats if s.predicted_loss is not None]

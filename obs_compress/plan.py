@@ -18,7 +18,8 @@ from torch import nn
 from .errors import InvalidArgument, NonFiniteError, RecipeError
 from .math.masks import check_pattern_fits, parse_pattern
 from .model.blocks import BlockStack, PrunableLayer, find_block_stack, find_layers
-from .recipe import PruneSettings, Recipe, load_recipe
+from .model.structure import BlockStructure, ModelWidths, block_structure, model_widths
+from .recipe import PruneSettings, Recipe, StructuredSettings, load_recipe
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,22 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
+class StructuredCounts:
+    """How many units every block loses (structured removal; the same in each block)."""
+
+    mlp_channels: int
+    heads: int  # query heads
+    kv_heads: int  # key/value heads (whole_group: one per group of query heads removed)
+    heads_per_group: int  # per_group: query heads removed from each key/value group
+
+
+@dataclass(frozen=True)
 class BlockPlan:
     index: int
     name: str
     module: nn.Module
     layers: tuple[LayerPlan, ...]
+    structure: BlockStructure | None = None  # structured removal: the block's units
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class PrunePlan:
     stack: BlockStack
     blocks: tuple[BlockPlan, ...]
     recipe: Recipe
+    structured: StructuredCounts | None = None  # structured removal: what every block loses
 
     @property
     def layers(self) -> list[LayerPlan]:
@@ -57,6 +70,8 @@ def build_plan(model: nn.Module, recipe: Recipe | Any) -> PrunePlan:
     """
     recipe = load_recipe(recipe)
     stack = find_block_stack(model)
+    if recipe.structured.active:
+        return _structured_plan(model, stack, recipe)
     candidates = [(index, layer) for index, block in enumerate(stack.modules)
                   for layer in find_layers(block, stack.block_name(index))]
     chosen = [(index, layer) for index, layer in candidates if recipe.is_target(layer.name)]
@@ -98,6 +113,58 @@ def build_plan(model: nn.Module, recipe: Recipe | Any) -> PrunePlan:
         blocks.append(BlockPlan(index=index, name=stack.block_name(index), module=block,
                                 layers=tuple(layers)))
     return PrunePlan(stack=stack, blocks=tuple(blocks), recipe=recipe)
+
+
+def structured_counts(settings: StructuredSettings, widths: ModelWidths) -> StructuredCounts:
+    """The units every block loses under ``settings``; refuses counts that grouped-query
+    attention or the widths do not allow, naming what would."""
+    channels = round(settings.mlp_fraction * widths.intermediate_size)
+    if settings.mlp_fraction > 0 and not 0 < channels < widths.intermediate_size:
+        raise RecipeError(f"structured.mlp_fraction {settings.mlp_fraction:g} of "
+                          f"{widths.intermediate_size} MLP channels is {channels}; it must remove "
+                          "at least one and keep at least one")
+    heads, kv_heads, n_rep = (widths.num_attention_heads, widths.num_key_value_heads,
+                              widths.queries_per_kv_head)
+    removed = settings.heads_removed
+    layout = (f"{heads} query heads in {kv_heads} key/value groups of {n_rep}")
+    per_group = kv_removed = 0
+    if settings.heads == "per_group":
+        if removed % kv_heads or removed // kv_heads >= n_rep:
+            raise RecipeError(
+                f"structured.heads_removed {removed} with heads per_group: the model has "
+                f"{layout}, so it must be a multiple of {kv_heads} below {heads} "
+                f"(e.g. {kv_heads}: one query head from every group)"
+                + ("" if n_rep > 1 else "; each group has one query head: use whole_group"))
+        per_group = removed // kv_heads
+    elif settings.heads == "whole_group":
+        if removed % n_rep or removed // n_rep >= kv_heads:
+            raise RecipeError(
+                f"structured.heads_removed {removed} with heads whole_group: the model has "
+                f"{layout}, so it must be a multiple of {n_rep} below {heads} "
+                f"(e.g. {n_rep}: one whole group)")
+        kv_removed = removed // n_rep
+    return StructuredCounts(mlp_channels=channels, heads=removed, kv_heads=kv_removed,
+                            heads_per_group=per_group)
+
+
+def _structured_plan(model: nn.Module, stack: BlockStack, recipe: Recipe) -> PrunePlan:
+    """Every block with its structured units and no unstructured targets."""
+    try:
+        widths = model_widths(model.config)
+        counts = structured_counts(recipe.structured, widths)
+        blocks = tuple(BlockPlan(index=index, name=stack.block_name(index), module=block,
+                                 layers=(), structure=block_structure(
+                                     block, stack.block_name(index), widths))
+                       for index, block in enumerate(stack.modules))
+    except InvalidArgument as exc:
+        raise RecipeError(f"recipe structured: {exc}") from None
+    for block in blocks:
+        for layer in (block.structure.down, block.structure.o):
+            weight = layer.weight_matrix()
+            if weight.device.type != "meta" and not torch.isfinite(weight).all():
+                raise NonFiniteError(f"layer {layer.name}: the weight holds NaN or infinity; "
+                                     "the checkpoint is broken, refusing to prune it")
+    return PrunePlan(stack=stack, blocks=blocks, recipe=recipe, structured=counts)
 
 
 def check_runs_without_data(recipe: Recipe) -> None:

@@ -58,11 +58,13 @@ from pydantic_core import ArgsKwargs, PydanticCustomError
 from .algorithms import METHODS
 from .errors import InvalidArgument, RecipeError
 from .math.masks import ALLOCATIONS, parse_pattern
+from .math.structured import SCORES as STRUCTURED_SCORES
 
 INVERSES = ("cholesky", "recursive")
 BLOCK_SPARSITY_METHODS = ("uniform", "owl")
 CURVATURE_KINDS = ("hessian", "kronecker")
 CURVATURE_LOSSES = ("block_reconstruction", "next_token", "next_token_sampled")
+STRUCTURED_HEADS = ("none", "per_group", "whole_group")
 # calibration.source of a recipe that needs no data (magnitude only): no forward runs at
 # all, and the report has no reconstruction loss to give.
 NO_CALIBRATION = "none"
@@ -395,6 +397,51 @@ class CurvatureSettings:
 
 
 @_schema
+class StructuredSettings:
+    """Structured removal: whole MLP channels and attention heads out of every block, for a
+    smaller dense model (docs/ALGORITHMS.md, "Structured OBS"; ``obs_compress.structured``).
+
+    Every block loses the same numbers (the config has one width for all blocks), chosen by
+    ``score`` inside each block. ``obs`` compensates the kept columns of ``down_proj`` /
+    ``o_proj`` with the group OBS update over their input Hessian (``curvature.kind
+    kronecker``: the saliency weighed by ``G`` of the block-output loss); ``activation`` and
+    ``weight_norm`` remove without compensation (the baselines).
+    """
+
+    mlp_fraction: _Number = _field(
+        0.0, ge=0.0, lt=1.0, expected="a number in [0, 1) (e.g. 0.2)",
+        description="Fraction of each block's MLP channels removed (rounded to a count)")
+    heads: Literal[STRUCTURED_HEADS] = _field(
+        "none", expected=_one_of(STRUCTURED_HEADS),
+        description="none | per_group: the same number of query heads from every key/value "
+                    "group | whole_group: whole key/value groups with all their query heads")
+    heads_removed: _Integer = _field(
+        0, ge=0, expected="an integer >= 0 (query heads removed per block)",
+        description="Query heads removed per block (per_group: a multiple of "
+                    "num_key_value_heads; whole_group: a multiple of the group size)")
+    score: Literal[STRUCTURED_SCORES] = _field(
+        "obs", expected=_one_of(STRUCTURED_SCORES),
+        description="obs: group OBS saliency and compensation | activation: ||W_:,j|| ||X_j||, "
+                    "no compensation | weight_norm: ||W_:,Q||, no compensation")
+    shots: _Integer = _field(
+        1, ge=1, expected="an integer >= 1",
+        description="Remove in this many steps per block, re-estimating the curvature and "
+                    "the scores between them")
+
+    @model_validator(mode="after")
+    def _heads_agree(self) -> StructuredSettings:
+        if (self.heads == "none") != (self.heads_removed == 0):
+            raise _rule_error(f"heads {self.heads} with heads_removed {self.heads_removed}: set "
+                              "both (heads per_group or whole_group and a count > 0) or neither",
+                              label="structured")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.mlp_fraction > 0 or self.heads != "none"
+
+
+@_schema
 class CalibrationSettings:
     """Which text calibrates the Hessians (see ``../shared/data/README.md`` for the protocol)."""
 
@@ -430,8 +477,9 @@ CALIBRATION_FIELDS = tuple(field.name for field in dataclasses.fields(Calibratio
 BLOCK_SPARSITY_FIELDS = tuple(field.name for field in dataclasses.fields(BlockSparsitySettings))
 # Nested sections of a recipe and the names of their fields (``--set section.field=value``).
 CURVATURE_FIELDS = tuple(field.name for field in dataclasses.fields(CurvatureSettings))
+STRUCTURED_FIELDS = tuple(field.name for field in dataclasses.fields(StructuredSettings))
 SECTIONS = {"block_sparsity": BLOCK_SPARSITY_FIELDS, "calibration": CALIBRATION_FIELDS,
-            "curvature": CURVATURE_FIELDS}
+            "curvature": CURVATURE_FIELDS, "structured": STRUCTURED_FIELDS}
 
 
 def _section(cls: type, description: str) -> Any:
@@ -467,6 +515,9 @@ class Recipe(PruneSettings):
         CalibrationSettings, "Which text calibrates the Hessians")
     curvature: CurvatureSettings = _section(
         CurvatureSettings, "Which curvature the second-order methods read: hessian or kronecker")
+    structured: StructuredSettings = _section(
+        StructuredSettings, "Structured removal of MLP channels and attention heads (a "
+        "smaller dense model)")
 
     @model_validator(mode="after")
     def _overrides_and_data_agree(self) -> Recipe:
@@ -483,6 +534,8 @@ class Recipe(PruneSettings):
             raise _rule_error("curvature.kind kronecker weighs the second-order methods' "
                               "losses, and method magnitude reads the weights alone; use obd, "
                               "obs_exact or obs_blockwise", label="curvature")
+        if self.structured.active:
+            self._check_structured()
         needs = self.data_needs_text() if self.calibration.source == NO_CALIBRATION else ""
         if needs:
             raise _rule_error(
@@ -490,6 +543,26 @@ class Recipe(PruneSettings):
                 f"magnitude pruning, but {needs} the Hessian of calibration inputs; set "
                 "calibration.source (e.g. c4)")
         return self
+
+    def _check_structured(self) -> None:
+        if self.sparsity != 0 or self.overrides:
+            raise _rule_error(
+                "structured removal runs on its own: set sparsity: 0 and no overrides "
+                f"(this recipe has sparsity {self.sparsity:g}"
+                f"{f' and {len(self.overrides)} overrides' if self.overrides else ''}); prune "
+                "the smaller model unstructured in a second run", label="structured")
+        if self.curvature.kind == "kronecker":
+            if self.structured.score != "obs":
+                raise _rule_error(f"curvature.kind kronecker weighs the obs saliency, and "
+                                  f"structured.score is {self.structured.score}",
+                                  label="structured")
+            if self.curvature.loss != "block_reconstruction":
+                raise _rule_error(f"structured removal takes G of the block-output loss; "
+                                  f"curvature.loss {self.curvature.loss} is for the "
+                                  "unstructured methods", label="structured")
+        if self.block_sparsity.method != "uniform":
+            raise _rule_error("block_sparsity spreads unstructured sparsity; structured removal "
+                              "takes the same numbers from every block", label="structured")
 
     @property
     def settings(self) -> PruneSettings:
@@ -511,7 +584,7 @@ class Recipe(PruneSettings):
         labelled = [("", self.settings)] + [
             (f"overrides[{index}].", self.settings.with_changes(**dict(override.changes)))
             for index, override in enumerate(self.overrides)]
-        for label, settings in labelled:
+        for label, settings in labelled if not self.structured.active else ():
             if settings.method != "magnitude":
                 reasons.append(f"{label}method {settings.method}")
             if settings.refit:
@@ -520,6 +593,8 @@ class Recipe(PruneSettings):
             reasons.append(f"block_sparsity.method {self.block_sparsity.method}")
         if self.curvature.kind != "hessian":
             reasons.append(f"curvature.kind {self.curvature.kind}")
+        if self.structured.active:
+            reasons.append(f"structured.score {self.structured.score}")
         return reasons
 
     def is_target(self, name: str) -> bool:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from .model.structure import BlockRemoval
 from .recipe import Recipe
 
 # What the loss figures of a report are, in its JSON ("loss_units") and under its table.
@@ -63,6 +64,51 @@ class LayerStats:
 
 
 @dataclass
+class StructureStats:
+    """What structured removal took out of one block (indices into the original widths)."""
+
+    block: int
+    name: str
+    score: str  # obs | activation | weight_norm
+    curvature: str  # hessian | kronecker (the obs saliency's)
+    shots: int
+    mlp_width: int
+    mlp_channels: tuple[int, ...]  # removed
+    n_heads: int
+    heads: tuple[int, ...]  # query heads removed
+    kv_heads: tuple[int, ...]  # key/value heads removed
+    # The joint group OBS prediction under the damped H (obs only), and the increase of
+    # ||(W' - W) X^T||^2 / n measured with the undamped H, summed over o_proj and down_proj
+    # (each shot with the inputs of that shot).
+    predicted_loss: float | None
+    reconstruction_loss: float
+    dampening_frac: float | None  # the largest a shot's inverse was taken with (obs)
+    seconds: float
+
+    @property
+    def removal(self) -> BlockRemoval:
+        return BlockRemoval(block=self.block, mlp_channels=self.mlp_channels, heads=self.heads,
+                            kv_heads=self.kv_heads)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("mlp_channels", "heads", "kv_heads"):
+            data[key] = list(data[key])
+        return data
+
+    def describe(self) -> str:
+        parts = []
+        if self.mlp_channels:
+            parts.append(f"{len(self.mlp_channels)} of {self.mlp_width} MLP channels")
+        if self.heads:
+            kv = f" ({len(self.kv_heads)} key/value)" if self.kv_heads else ""
+            parts.append(f"query heads {list(self.heads)} of {self.n_heads}{kv}")
+        return (f"removed {', '.join(parts)} by {self.score}"
+                + (f" ({self.curvature})" if self.score == "obs" else "")
+                + f", measured dE {self.reconstruction_loss:.4g}")
+
+
+@dataclass
 class BlockResult:
     """One pruned block, yielded as soon as it is done (its weights already pruned in place)."""
 
@@ -74,9 +120,13 @@ class BlockResult:
     # The hidden states the block produced, one tensor per batch (the next block's inputs);
     # None without calibration data. Not part of the report.
     outputs: list | None = field(default=None, repr=False)
+    structure: StructureStats | None = None  # structured removal: what the block lost
 
     def describe(self, n_blocks: int) -> str:
         """One log line: the block, its sparsity and losses, its time."""
+        if self.structure is not None:
+            return (f"block {self.index + 1}/{n_blocks} {self.name}: "
+                    f"{self.structure.describe()}, {self.seconds:.1f} s")
         if not self.layers:
             return (f"block {self.index + 1}/{n_blocks} {self.name}: no target layers, "
                     f"{self.seconds:.1f} s")
@@ -111,6 +161,10 @@ class PruneReport:
     world_size: int = 1  # processes that pruned together (torch.distributed), rank 0 wrote
     # Where the calibration activations were held between blocks (device, cpu, disk; why).
     activations: str = "device"
+    # Structured removal: what each block lost, and the model's parameters before and after
+    # the rows and columns were dropped (None until the model is shrunk).
+    structure: list[StructureStats] = field(default_factory=list)
+    parameters: dict[str, int] | None = None
 
     @property
     def pruned(self) -> int:
@@ -143,6 +197,8 @@ class PruneReport:
             "world_size": self.world_size,
             "activations": self.activations,
             "dampening_raised": [s.name for s in self.raised_dampening],
+            "structure": [s.to_dict() for s in self.structure],
+            "parameters": self.parameters,
             "loss_units": LOSS_UNITS,
             "layers": [s.to_dict() for s in self.layers],
         }
@@ -153,7 +209,9 @@ class PruneReport:
         return [s for s in self.layers if s.dampening_raised]
 
     def table(self) -> str:
-        """The per-layer summary as an aligned text table."""
+        """The per-layer summary as an aligned text table (per block for structured removal)."""
+        if self.structure:
+            return self._structure_table()
         width = max([len("layer")] + [len(s.name) for s in self.layers])
         header = (f"{'layer':<{width}}  {'shape':>11}  {'pattern':>12}  {'sparsity':>8}  "
                   f"{'predicted dE':>12}  {'measured dE':>12}  {'dampening':>10}  "
@@ -186,6 +244,38 @@ class PruneReport:
         return "\n".join(lines)
 
 
+    def _structure_table(self) -> str:
+        width = max(len("block"), *(len(s.name) for s in self.structure))
+        header = (f"{'block':<{width}}  {'MLP channels':>13}  {'query heads':>11}  "
+                  f"{'kv heads':>8}  {'predicted dE':>12}  {'measured dE':>12}  "
+                  f"{'dampening':>9}  {'seconds':>7}")
+        lines = ["structured removal; dE: increase of ||(W' - W) X^T||^2 / n of o_proj and "
+                 "down_proj, per calibration token", header, "-" * len(header)]
+        for s in self.structure:
+            dampening = "-" if s.dampening_frac is None else f"{s.dampening_frac:g}"
+            lines.append(f"{s.name:<{width}}  {f'-{len(s.mlp_channels)}/{s.mlp_width}':>13}  "
+                         f"{f'-{len(s.heads)}/{s.n_heads}':>11}  {f'-{len(s.kv_heads)}':>8}  "
+                         f"{_loss_text(s.predicted_loss):>12}  "
+                         f"{_loss_text(s.reconstruction_loss):>12}  {dampening:>9}  "
+                         f"{s.seconds:>7.2f}")
+        lines.append("-" * len(header))
+        first = self.structure[0]
+        how = f"{first.score}" + (f" ({first.curvature} curvature)" if first.score == "obs" else
+                                  ", no compensation")
+        lines.append(f"{len(self.structure)} blocks, each lost {len(first.mlp_channels)} MLP "
+                     f"channels and {len(first.heads)} query heads "
+                     f"({len(first.kv_heads)} key/value) by {how} in {first.shots} shot"
+                     f"{'s' if first.shots != 1 else ''}, {self.seconds:.1f} s ({self.path})")
+        if self.parameters:
+            before, after = self.parameters["before"], self.parameters["after"]
+            lines.append(f"parameters {before:,} -> {after:,} ({after / before:.4f} of dense); "
+                         "the rows and columns are dropped: a smaller dense model")
+        for name, figures in self.perplexity.items():
+            lines.append(f"{name} perplexity: {figures['before']:.4f} before pruning, "
+                         f"{figures['after']:.4f} after ({int(figures['n_tokens']):,} tokens)")
+        return "\n".join(lines)
+
+
 def _loss_text(loss: float | None) -> str:
     return "-" if loss is None else f"{loss:.4g}"
 
@@ -201,7 +291,9 @@ def summarize(results: Sequence[BlockResult], *, n_samples: int, seq_len: int, s
               recipe: Recipe | None = None, model: str = "") -> PruneReport:
     return PruneReport(layers=[s for r in results for s in r.layers], n_blocks=len(results),
                        n_samples=n_samples, seq_len=seq_len, seconds=seconds,
-                       recipe=recipe.to_dict() if recipe is not None else {}, model=model)
+                       recipe=recipe.to_dict() if recipe is not None else {}, model=model,
+                       structure=[r.structure for r in results if r.structure is not None])
 
 
-__all__ = ["LOSS_UNITS", "BlockResult", "LayerStats", "PruneReport", "summarize"]
+__all__ = ["LOSS_UNITS", "BlockResult", "LayerStats", "PruneReport", "StructureStats",
+           "summarize"]

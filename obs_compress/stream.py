@@ -68,6 +68,8 @@ def streaming_refusal(folder: Path | None, recipe: Any, calibration: Any,
         return f"curvature.loss {recipe.curvature.loss} back-propagates through the whole model"
     if recipe.block_sparsity.method == "owl":
         return "block_sparsity owl runs a dense pass over every block first"
+    if recipe.structured.active:
+        return "structured removal shrinks the widths of the whole model at the end"
     if getattr(calibration, "source", None) == "self":
         return "--dataset self generates text with the whole model"
     if evaluate:

@@ -1,4 +1,4 @@
-"""Kronecker-factored curvature and group (structured) OBS, as pure tensor functions.
+"""Kronecker-factored curvature, as pure tensor functions.
 
 Shapes: ``W: (d_out, d_in)``; ``A = E[x x^T]: (d_in, d_in)`` over the layer's inputs;
 ``G = E[g g^T]: (d_out, d_out)`` over gradients of the loss w.r.t. the layer's outputs;
@@ -7,16 +7,12 @@ LLM Surgeon, van der Ouderaa et al. 2024, sec. 3). Since ``(G (x) A)^-1 = G^-1 (
 ``[F^-1]_{(i,j),(i,j)} = [G^-1]_ii [A^-1]_jj`` and the OBS saliency (Hassibi & Stork 1992,
 eq. 5) of one weight is ``w_ij^2 / (2 [G^-1]_ii [A^-1]_jj)``.
 
-Group OBS (Hassibi & Stork eq. 5 for a set ``Q``; Kurtic et al. 2022): removing the input
-columns ``Q`` of ``W`` under a layer-wise curvature ``H: (d_in, d_in)`` shared by every row
-gives ``dW = -W[:, Q] ([H^-1]_QQ)^-1 [H^-1]_{Q,:}`` and the predicted loss
-``1/2 tr(W_Q ([H^-1]_QQ)^-1 W_Q^T)``.
+Removing whole groups of columns (structured OBS) is :mod:`obs_compress.math.structured`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -70,38 +66,3 @@ def kronecker_saliency(weight: torch.Tensor, g_inverse: torch.Tensor,
                        a_inverse: torch.Tensor) -> torch.Tensor:
     """OBS saliency under ``F = G (x) A``: ``w_ij^2 / (2 [G^-1]_ii [A^-1]_jj)``, shape of W."""
     return weight * weight / (2 * kronecker_inverse_diagonal(g_inverse, a_inverse))
-
-
-def group_obs_columns(weight: torch.Tensor, hessian_inverse: torch.Tensor,
-                      columns: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remove the input ``columns`` of ``weight`` with the group OBS update.
-
-    ``weight``: ``(d_out, d_in)``; ``hessian_inverse``: ``(d_in, d_in)``. Returns the new
-    weight (those columns exactly zero) and the predicted loss, a 0-d tensor.
-    """
-    index = torch.as_tensor(columns, dtype=torch.long, device=weight.device)
-    if index.ndim != 1 or index.numel() == 0 or index.unique().numel() != index.numel():
-        raise InvalidArgument("columns must be a non-empty list of distinct column indices")
-    if int(index.min()) < 0 or int(index.max()) >= weight.shape[1]:
-        raise InvalidArgument(f"columns must lie in [0, {weight.shape[1]}), got {index.tolist()}")
-    removed = weight[:, index]                                   # (d_out, |Q|)
-    block = hessian_inverse[index][:, index]                     # (|Q|, |Q|)
-    # solve instead of inverting: coefficients = W_Q ([H^-1]_QQ)^-1
-    coefficients = torch.linalg.solve(block, removed.T).T        # (d_out, |Q|); block is symmetric
-    new_weight = weight - coefficients @ hessian_inverse[index]
-    new_weight[:, index] = 0
-    loss = 0.5 * (coefficients * removed).sum()
-    return new_weight, loss
-
-
-def group_saliency_columns(weight: torch.Tensor, hessian_inverse: torch.Tensor,
-                           groups: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
-    """Predicted loss of removing each group of input columns alone, shape ``(len(groups),)``.
-
-    ``groups=None`` means every column alone (MLP channels), computed in one vectorised
-    step as ``sum_i w_ij^2 / (2 [H^-1]_jj)``.
-    """
-    if groups is None:
-        return (weight * weight).sum(dim=0) / (2 * torch.diagonal(hessian_inverse))
-    losses = [group_obs_columns(weight, hessian_inverse, group)[1] for group in groups]
-    return torch.stack(losses)

@@ -1,0 +1,188 @@
+"""The structured step of the layer loop: remove whole attention heads and MLP channels from
+one block, then (after the loop) shrink the model.
+
+For each of ``structured.shots`` steps, :func:`remove_block_structure` first takes heads out,
+then MLP channels, each from curvature gathered with the block as it is at that moment:
+
+1. one forward of the block's calibration inputs, hooked at the consumer layer (``o_proj`` for
+   heads, ``down_proj`` for channels; the forward stops there), gives its input Hessian ``A``
+   (``H = 2 X^T X / n``); with ``curvature.kind kronecker`` the output factor ``G`` of the
+   block-output loss is taken too (:func:`obs_compress.curvature.block_output_factors`);
+2. every unit still in the block is scored (:mod:`obs_compress.math.structured`: the group
+   OBS saliency, or a baseline score), the lowest go (under grouped-query attention the same
+   number from every key/value group, or whole groups);
+3. their columns of the consumer are removed with the joint group OBS update (``score: obs``)
+   or only zeroed (baselines), and their producing rows (``q_proj`` rows, ``k_proj``/``v_proj``
+   rows of a removed group, ``gate_proj``/``up_proj`` rows) are zeroed.
+
+The loop then runs the block again for the next block's inputs, as after unstructured
+pruning, so later blocks calibrate on what the smaller model computes. Removal is exact
+masking until :func:`shrink_pruned_model_` drops the masked rows and columns.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .algorithms.refit import row_losses
+from .curvature import block_output_factors
+from .errors import ObsCompressError
+from .math.hessian import HessianAccumulator
+from .math.inverse import prepare_curvature
+from .math.structured import (activation_scores, lowest, obs_group_saliency,
+                              remove_column_groups, weight_norm_scores)
+from .model.blocks import PrunableLayer, module_device
+from .model.capture import BlockCall
+from .model.hooks import accumulate_inputs, until_stopped
+from .model.structure import BlockStructure, shrink_model_, zero_heads_, zero_mlp_channels_
+from .plan import BlockPlan, PrunePlan, StructuredCounts
+from .recipe import Recipe
+from .report import StructureStats
+
+
+def _cumulative(total: int, shot: int, shots: int) -> int:
+    """Units removed by the end of ``shot`` (0-based) of ``shots``, spread evenly."""
+    return round(total * (shot + 1) / shots)
+
+
+class _Totals:
+    def __init__(self) -> None:
+        self.predicted = 0.0
+        self.measured = 0.0
+        self.dampening: list[float] = []
+
+
+def _remove_units(block: nn.Module, layer: PrunableLayer, calls: Sequence[BlockCall],
+                  groups: torch.Tensor, count: int, parts: torch.Tensor | None, recipe: Recipe,
+                  seed: int, device: torch.device | None, totals: _Totals) -> torch.Tensor:
+    """Remove ``count`` of the column ``groups`` of ``layer`` (``count`` per part with
+    ``parts``) by the recipe's score; returns the positions in ``groups`` removed."""
+    accumulator = HessianAccumulator(layer.d_in, device=device or module_device(layer.module),
+                                     name=layer.name)
+    with accumulate_inputs({layer.name: layer.module}, {layer.name: accumulator},
+                           stop_after=layer.name):
+        for call in calls:
+            until_stopped(call, block)
+    curvature = accumulator.finalize()
+    del accumulator
+    hessian = curvature.hessian.double()
+    weight = layer.weight_matrix().double()
+    score = recipe.structured.score
+    hessian_inverse = None
+    if score == "obs":
+        prepared = prepare_curvature(curvature, recipe.dampening_frac,
+                                     max_dampening_frac=recipe.max_dampening_frac,
+                                     dtype=torch.float64)
+        hessian_inverse = prepared.hessian_inverse
+        totals.dampening.append(prepared.dampening_frac)
+        output_factor = None
+        if recipe.curvature.kind == "kronecker":
+            output_factor = block_output_factors(
+                block, calls, [layer], n_probes=recipe.curvature.n_probes, seed=seed,
+                device=device)[layer.name].double()
+        scores = obs_group_saliency(weight, hessian_inverse, groups, output_factor)
+    elif score == "activation":
+        scores = activation_scores(weight, hessian, groups)
+    else:
+        scores = weight_norm_scores(weight, groups)
+    chosen = lowest(scores.cpu(), count, parts=parts)
+    columns = groups[chosen].flatten()
+    new_weight = remove_column_groups(weight, columns, hessian_inverse)
+    if hessian_inverse is not None:  # the joint loss the update predicts, layer-wise units
+        totals.predicted += obs_group_saliency(weight, hessian_inverse, columns[None]).item()
+    totals.measured += row_losses(new_weight - weight, hessian).sum().item()
+    layer.set_weight_(new_weight)
+    return chosen
+
+
+def _remove_heads(block: nn.Module, structure: BlockStructure, counts: StructuredCounts,
+                  calls: Sequence[BlockCall], recipe: Recipe, shot: int, seed: int,
+                  device: torch.device | None, heads: list[int], kv_heads: list[int],
+                  totals: _Totals) -> None:
+    widths = structure.widths
+    shots = recipe.structured.shots
+    if counts.heads_per_group:  # the same number of query heads from every key/value group
+        count = (_cumulative(counts.heads_per_group, shot, shots)
+                 - len(heads) // widths.num_key_value_heads)
+        if count == 0:
+            return
+        alive = [h for h in range(widths.num_attention_heads) if h not in heads]
+        position = {head: index for index, head in enumerate(alive)}
+        parts = torch.tensor([[position[h] for h in structure.kv_group_heads(g) if h in position]
+                              for g in range(widths.num_key_value_heads)])
+        chosen = _remove_units(block, structure.o, calls, structure.head_columns(alive), count,
+                               parts, recipe, seed, device, totals)
+        new_heads, new_kv = [alive[i] for i in chosen.tolist()], []
+    else:  # whole key/value groups with every query head that reads them
+        count = _cumulative(counts.kv_heads, shot, shots) - len(kv_heads)
+        if count == 0:
+            return
+        alive = [g for g in range(widths.num_key_value_heads) if g not in kv_heads]
+        groups = torch.stack([structure.head_columns(structure.kv_group_heads(g)).flatten()
+                              for g in alive])
+        chosen = _remove_units(block, structure.o, calls, groups, count, None, recipe, seed,
+                               device, totals)
+        new_kv = [alive[i] for i in chosen.tolist()]
+        new_heads = [h for g in new_kv for h in structure.kv_group_heads(g)]
+    zero_heads_(structure, new_heads, new_kv)
+    heads.extend(new_heads)
+    kv_heads.extend(new_kv)
+
+
+def remove_block_structure(block: nn.Module, block_plan: BlockPlan, counts: StructuredCounts,
+                           calls: Sequence[BlockCall], recipe: Recipe,
+                           device: torch.device | None) -> StructureStats:
+    """Take ``counts`` heads and MLP channels out of ``block`` (the structure module of
+    ``block_plan``) in ``recipe.structured.shots`` steps; returns what went and its losses."""
+    structure = block_plan.structure
+    settings = recipe.structured
+    start = time.perf_counter()
+    heads: list[int] = []
+    kv_heads: list[int] = []
+    channels: list[int] = []
+    totals = _Totals()
+    for shot in range(settings.shots):
+        seed = recipe.curvature.seed + 1000 * block_plan.index + shot
+        try:
+            if counts.heads:
+                _remove_heads(block, structure, counts, calls, recipe, shot, seed, device, heads,
+                              kv_heads, totals)
+            count = _cumulative(counts.mlp_channels, shot, settings.shots) - len(channels)
+            if count:
+                alive = [j for j in range(structure.widths.intermediate_size)
+                         if j not in set(channels)]
+                chosen = _remove_units(block, structure.down, calls,
+                                       torch.tensor(alive)[:, None], count, None, recipe,
+                                       seed, device, totals)
+                new = [alive[i] for i in chosen.tolist()]
+                zero_mlp_channels_(structure, new)
+                channels.extend(new)
+        except ObsCompressError as exc:
+            raise type(exc)(f"block {block_plan.name}: {exc}") from exc
+    return StructureStats(
+        block=block_plan.index, name=block_plan.name, score=settings.score,
+        curvature=recipe.curvature.kind, shots=settings.shots,
+        mlp_width=structure.widths.intermediate_size, mlp_channels=tuple(sorted(channels)),
+        n_heads=structure.widths.num_attention_heads, heads=tuple(sorted(heads)),
+        kv_heads=tuple(sorted(kv_heads)),
+        predicted_loss=totals.predicted if settings.score == "obs" else None,
+        reconstruction_loss=totals.measured,
+        dampening_frac=max(totals.dampening) if totals.dampening else None,
+        seconds=time.perf_counter() - start)
+
+
+def shrink_pruned_model_(model: nn.Module, plan: PrunePlan,
+                         stats: Sequence[StructureStats]) -> tuple[int, int]:
+    """Drop what :func:`remove_block_structure` masked from ``model`` (in place) and update
+    its config; returns the parameter counts before and after."""
+    before = sum(p.numel() for p in model.parameters())
+    shrink_model_(model, [block.structure for block in plan.blocks],
+                  [s.removal for s in stats])
+    return before, sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["remove_block_structure", "shrink_pruned_model_"]
