@@ -11,23 +11,31 @@ import pytest
 import yaml
 
 from obs_compress.errors import RecipeError
-from obs_compress.recipe import (BLOCK_SPARSITY_FIELDS, CALIBRATION_FIELDS, NO_CALIBRATION,
-                                 PRUNE_FIELDS, CalibrationSettings, Override, Recipe,
-                                 load_recipe, recipe_json_schema)
+from obs_compress.recipe import (BLOCK_SPARSITY_FIELDS, CALIBRATION_FIELDS, CURVATURE_FIELDS,
+                                 NO_CALIBRATION, PRUNE_FIELDS, STRUCTURED_FIELDS,
+                                 CalibrationSettings, Override, Recipe, load_recipe,
+                                 recipe_json_schema)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-SHIPPED = ("obs-50.yaml", "obs-2of4.yaml", "obs-70.yaml", "magnitude-50.yaml")
+SHIPPED = ("obs-50.yaml", "obs-2of4.yaml", "obs-70.yaml", "magnitude-50.yaml",
+           "structured-mlp-20.yaml", "structured-heads-33.yaml", "structured-mlp-20-heads-33.yaml")
 TOP_LEVEL = set(PRUNE_FIELDS) | {"targets", "ignore", "overrides", "sequential", "block_sparsity",
-                                 "calibration"}
+                                 "calibration", "curvature", "structured"}
+# A structured recipe spells out what structured removal reads (it takes no unstructured field).
+STRUCTURED_TOP_LEVEL = {"sparsity", "dampening_frac", "max_dampening_frac", "structured",
+                        "curvature", "calibration"}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_shipped_recipes_load_and_spell_out_every_field(name):
     raw = yaml.safe_load((RECIPES / name).read_text())
-    assert set(raw) == TOP_LEVEL
-    assert set(raw["calibration"]) == set(CALIBRATION_FIELDS)
-    assert set(raw["block_sparsity"]) == set(BLOCK_SPARSITY_FIELDS)
     recipe = load_recipe(RECIPES / name)
+    assert set(raw) == (STRUCTURED_TOP_LEVEL if recipe.structured.active else TOP_LEVEL)
+    assert set(raw["calibration"]) == set(CALIBRATION_FIELDS)
+    assert set(raw["curvature"]) == set(CURVATURE_FIELDS)
+    assert set(raw["structured"]) == set(STRUCTURED_FIELDS)
+    if not recipe.structured.active:
+        assert set(raw["block_sparsity"]) == set(BLOCK_SPARSITY_FIELDS)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
 
 
@@ -44,6 +52,12 @@ def test_shipped_values():
     two_four = load_recipe(RECIPES / "obs-2of4.yaml")
     assert (two_four.pattern, two_four.sparsity, two_four.method) == ("2:4", 0.5, "obs_blockwise")
     assert load_recipe(RECIPES / "magnitude-50.yaml").method == "magnitude"
+    mlp = load_recipe(RECIPES / "structured-mlp-20.yaml").structured
+    heads = load_recipe(RECIPES / "structured-heads-33.yaml").structured
+    both = load_recipe(RECIPES / "structured-mlp-20-heads-33.yaml").structured
+    assert (mlp.mlp_fraction, mlp.heads, mlp.score) == (0.2, "none", "obs")
+    assert (heads.mlp_fraction, heads.heads, heads.heads_removed) == (0.0, "per_group", 3)
+    assert (both.mlp_fraction, both.heads, both.heads_removed) == (0.2, "per_group", 3)
     calibration = load_recipe(RECIPES / "obs-50.yaml").calibration
     assert calibration == CalibrationSettings(source="c4", n_samples=128, seq_len=512, seed=0,
                                               start=0, stop=1000)
