@@ -37,7 +37,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms import prune_weight
-from .algorithms.refit import row_losses
 from .curvature import block_output_factors, model_output_factors
 from .distributed import ProcessGroup, assign_by_cost, solve_cost
 from .errors import InvalidArgument, NonFiniteError, ObsCompressError
@@ -59,10 +58,21 @@ logger = logging.getLogger(__name__)
 BlockLoader = Callable[[BlockPlan], None]
 
 
+# Elements of dW taken at a time by reconstruction_loss (its temporaries: two such chunks,
+# not a float64 copy of H, 0.5 GB at d_in 8192).
+LOSS_CHUNK_ELEMENTS = 1 << 22
+
+
 def reconstruction_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """``sum over rows of dW H dW^T / 2`` = ``||dW X^T||^2 / n`` for ``delta = dW: (d_out,
-    d_in)`` and the undamped ``H`` (:func:`~obs_compress.math.inverse.undamped_hessian`)."""
-    return row_losses(delta.to(device=hessian.device, dtype=hessian.dtype), hessian).sum().item()
+    d_in)`` and the undamped ``H``: the products in ``H``'s dtype, a chunk of rows at a time,
+    summed in float64."""
+    delta = delta.to(device=hessian.device, dtype=hessian.dtype)
+    rows = max(1, LOSS_CHUNK_ELEMENTS // delta.shape[1])
+    total = 0.0
+    for part in delta.split(rows):
+        total += ((part @ hessian) * part).sum(dtype=torch.float64).item()
+    return total / 2
 
 
 def _uses_recursive(settings: PruneSettings) -> bool:
@@ -132,8 +142,12 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature | None,
             raise NonFiniteError(f"layer {layer.name}: pruning produced NaN or infinity "
                                  f"{_dampening_text(dampening, settings)}; raise "
                                  "dampening_frac or give more calibration samples")
-        measured = (reconstruction_loss(new_weight - weight, hessian) if hessian is not None
-                    else None)
+        if hessian is None:
+            measured = None
+        elif result.loss_measured:  # measured on this weight with this undamped H already
+            measured = loss.double().sum().item()
+        else:
+            measured = reconstruction_loss(new_weight - weight, hessian)
         n_pruned = int(mask.sum().item())
         layer.set_weight_(new_weight)
         stats.append(LayerStats(
@@ -277,7 +291,9 @@ def _prune_block_layers(block: nn.Module, block_plan: BlockPlan, calls: Sequence
                     curvature = feed.accumulator.finalize()
                 except ObsCompressError as exc:
                     raise _named(exc, feed.layers[0].layer.name) from exc
-                hessian = undamped_hessian(curvature)
+                # the recursive path keeps only the damped inverse: H from it, in float64
+                hessian = (curvature.hessian if curvature.hessian is not None
+                           else undamped_hessian(curvature))
                 finalize_seconds = time.perf_counter() - start
                 prepared_cache: dict = {}
                 current = feed

@@ -8,12 +8,13 @@ then MLP channels, each from curvature gathered with the block as it is at that 
    heads, ``down_proj`` for channels; the forward stops there), gives its input Hessian ``A``
    (``H = 2 X^T X / n``); with ``curvature.kind kronecker`` the output factor ``G`` of the
    block-output loss is taken too (:func:`obs_compress.curvature.block_output_factors`);
-2. every unit still in the block is scored (:mod:`obs_compress.math.structured`: the group
-   OBS saliency, or a baseline score), the lowest go (under grouped-query attention the same
-   number from every key/value group, or whole groups);
-3. their columns of the consumer are removed with the joint group OBS update (``score: obs``)
-   or only zeroed (baselines), and their producing rows (``q_proj`` rows, ``k_proj``/``v_proj``
-   rows of a removed group, ``gate_proj``/``up_proj`` rows) are zeroed.
+2. ``score: obs``: the units go one at a time, each the one of least group OBS saliency
+   at that moment, the kept columns of the consumer compensated and ``A^-1`` downdated after
+   each (:func:`obs_compress.math.structured.greedy_group_obs`); the baselines score every
+   unit once and zero the columns of the lowest, with no compensation. Under grouped-query
+   attention the same number goes from every key/value group, or whole groups go;
+3. the removed units' producing rows (``q_proj`` rows, ``k_proj``/``v_proj`` rows of a
+   removed group, ``gate_proj``/``up_proj`` rows) are zeroed.
 
 The loop then runs the block again for the next block's inputs, as after unstructured
 pruning, so later blocks calibrate on what the smaller model computes. Removal is exact
@@ -33,7 +34,7 @@ from .curvature import block_output_factors
 from .errors import ObsCompressError
 from .math.hessian import HessianAccumulator
 from .math.inverse import prepare_curvature
-from .math.structured import (activation_scores, lowest, obs_group_saliency,
+from .math.structured import (activation_scores, greedy_group_obs, lowest,
                               remove_column_groups, weight_norm_scores)
 from .model.blocks import PrunableLayer, module_device
 from .model.capture import BlockCall
@@ -72,28 +73,26 @@ def _remove_units(block: nn.Module, layer: PrunableLayer, calls: Sequence[BlockC
     hessian = curvature.hessian.double()
     weight = layer.weight_matrix().double()
     score = recipe.structured.score
-    hessian_inverse = None
     if score == "obs":
         prepared = prepare_curvature(curvature, recipe.dampening_frac,
                                      max_dampening_frac=recipe.max_dampening_frac,
                                      dtype=torch.float64)
-        hessian_inverse = prepared.hessian_inverse
         totals.dampening.append(prepared.dampening_frac)
         output_factor = None
         if recipe.curvature.kind == "kronecker":
             output_factor = block_output_factors(
                 block, calls, [layer], n_probes=recipe.curvature.n_probes, seed=seed,
                 device=device)[layer.name].double()
-        scores = obs_group_saliency(weight, hessian_inverse, groups, output_factor)
-    elif score == "activation":
-        scores = activation_scores(weight, hessian, groups)
+        new_weight, chosen, predicted = greedy_group_obs(
+            weight, prepared.hessian_inverse, groups, count, parts=parts,
+            output_factor=output_factor)
+        totals.predicted += predicted
+        chosen = chosen.cpu()
     else:
-        scores = weight_norm_scores(weight, groups)
-    chosen = lowest(scores.cpu(), count, parts=parts)
-    columns = groups[chosen].flatten()
-    new_weight = remove_column_groups(weight, columns, hessian_inverse)
-    if hessian_inverse is not None:  # the joint loss the update predicts, layer-wise units
-        totals.predicted += obs_group_saliency(weight, hessian_inverse, columns[None]).item()
+        scores = (activation_scores(weight, hessian, groups) if score == "activation"
+                  else weight_norm_scores(weight, groups))
+        chosen = lowest(scores.cpu(), count, parts=parts)
+        new_weight = remove_column_groups(weight, groups[chosen].flatten())
     totals.measured += row_losses(new_weight - weight, hessian).sum().item()
     layer.set_weight_(new_weight)
     return chosen

@@ -202,3 +202,12 @@ def test_finalize_mirrors_the_upper_triangle_bit_for_bit(d_in):
     upper = acc.sum_outer.triu()
     expected = (upper + upper.triu(1).T) * (2.0 / acc.n_tokens)
     assert acc.finalize().hessian.numpy().tobytes() == expected.numpy().tobytes()
+
+
+def test_a_finalized_accumulator_refuses_more_batches_and_finalizes_to_the_same_curvature():
+    acc = HessianAccumulator(6, name="layer.x")
+    acc.add_batch(torch.randn(10, 6))
+    first = acc.finalize()
+    with pytest.raises(InvalidArgument, match="layer.x: .*finalized already"):
+        acc.add_batch(torch.randn(10, 6))
+    assert acc.finalize() is first

@@ -22,8 +22,9 @@ from _tiny_models import save_tiny, tiny_model, write_text_file
 from obs_compress.api import oneshot, prune_checkpoint
 from obs_compress.driver import prune_model
 from obs_compress.errors import InvalidArgument, RecipeError
-from obs_compress.math.structured import (activation_scores, lowest, obs_group_saliency,
-                                          remove_column_groups, weight_norm_scores)
+from obs_compress.math.structured import (activation_scores, greedy_group_obs, lowest,
+                                          obs_group_saliency, remove_column_groups,
+                                          weight_norm_scores)
 from obs_compress.model.structure import (BlockRemoval, block_structure, model_widths,
                                           shrink_model_)
 from obs_compress.plan import build_plan
@@ -100,6 +101,34 @@ def test_batched_saliency_equals_each_group_alone_and_the_baseline_scores():
                                (W.norm(dim=0) * x_norms)[groups].sum(1) * (2 / X.shape[0]) ** 0.5)
     torch.testing.assert_close(weight_norm_scores(W, groups),
                                torch.stack([W[:, group].norm() for group in groups]))
+
+
+def test_greedy_removal_ends_at_the_optimum_of_its_set_and_predicts_its_loss():
+    X, W, H = _problem(4, n=80, d_out=6, d_in=12)
+    X[:, 7] = X[:, 2] + 0.05 * torch.randn(80, generator=torch.Generator().manual_seed(5),
+                                           dtype=torch.float64)  # one can stand in for the other
+    H = 2 * X.T @ X / X.shape[0]
+    H_inv = torch.linalg.inv(H)
+    groups = torch.arange(12)[:, None]
+    new_W, chosen, predicted = greedy_group_obs(W, H_inv, groups, 4)
+    assert chosen.shape == (4,) and (new_W[:, chosen] == 0).all()
+    # the sequence of exact steps is the joint optimum for the set it chose ...
+    torch.testing.assert_close(new_W, remove_column_groups(W, chosen, H_inv))
+    joint = obs_group_saliency(W, H_inv, chosen[None])[0]
+    assert predicted == pytest.approx(joint.item(), rel=1e-9)
+    # ... and no worse than the set the saliencies of one moment pick
+    once = lowest(obs_group_saliency(W, H_inv, groups), 4)
+    assert joint <= obs_group_saliency(W, H_inv, once[None])[0] + 1e-12
+    # groups of columns, the same number from every part, G weighing the choice
+    heads = torch.arange(12).reshape(6, 2)
+    parts = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    G = torch.diag(torch.linspace(0.1, 3.0, 6, dtype=torch.float64))
+    new_W, chosen, predicted = greedy_group_obs(W, H_inv, heads, 1, parts=parts, output_factor=G)
+    assert sorted(int(c) // 3 for c in chosen) == [0, 1]
+    columns = heads[chosen].flatten()
+    torch.testing.assert_close(new_W, remove_column_groups(W, columns, H_inv))
+    assert predicted == pytest.approx(obs_group_saliency(W, H_inv, columns[None], G)[0].item(),
+                                      rel=1e-9)
 
 
 def test_lowest_takes_the_same_number_from_every_part():

@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, metavar="OUT_FOLDER")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override the preset's num_hidden_layers (e.g. 2 for a quick "
+                             "per-block memory profile of the preset's shapes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--documents", type=int, default=16,
@@ -125,6 +128,8 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     dtype = getattr(torch, args.dtype)
     config = llama_config(args.preset, dtype)
+    if args.layers is not None:
+        config.num_hidden_layers = args.layers
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config).to(dtype).eval()
     parameters = sum(p.numel() for p in model.parameters())

@@ -33,12 +33,15 @@ class PruneResult:
     data when ``dampening_frac=0``); ``dampening_frac``: the dampening the inverse was taken
     with, which is larger than the one asked for when the Cholesky factorization needed a
     raise (None when no inverse was needed: magnitude, OBD; nan on the recursive path, whose
-    dampening was folded in by its accumulator)."""
+    dampening was folded in by its accumulator). ``loss_measured``: ``loss`` was measured
+    on the finished weight with the undamped ``H`` (magnitude and OBD with a Hessian, every
+    refit), so it is the reconstruction loss itself and need not be measured again."""
 
     weight: torch.Tensor  # (d_out, d_in)
     mask: torch.Tensor  # (d_out, d_in) bool
     loss: torch.Tensor  # (d_out,)
     dampening_frac: float | None = None
+    loss_measured: bool = False
 
     @property
     def sparsity(self) -> float:
@@ -189,13 +192,15 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
             pruned = refit_kept_weights(original, mask, prepared.hessian, initial=pruned,
                                         hessian_inverse=prepared.hessian_inverse)
         loss = None
+    pruned = pruned.masked_fill(mask, 0)
+    measured = loss is None and curvature is not None and curvature.hessian is not None
     if loss is None:
         loss = (row_losses(pruned - original, loss_hessian) if loss_hessian is not None
                 else torch.full((weight.shape[0],), float("nan"), dtype=dtype))
-    pruned = pruned.masked_fill(mask, 0)
     return PruneResult(weight=pruned.to(weight.dtype).to(weight.device),
                        mask=mask.to(weight.device), loss=loss.to(weight.device),
-                       dampening_frac=prepared.dampening_frac if prepared is not None else None)
+                       dampening_frac=prepared.dampening_frac if prepared is not None else None,
+                       loss_measured=measured)
 
 
 __all__ = ["METHODS", "PruneResult", "prune_weight"]

@@ -99,11 +99,15 @@ class HessianAccumulator:
         # sum x x^T; with panels, only its upper triangle is meaningful until finalize.
         self.sum_outer = torch.zeros(d_in, d_in, dtype=dtype, device=device)
         self.n_tokens = 0
+        self._finalized: Curvature | None = None
         edges = ([round(i * d_in / TRIANGLE_PANELS) for i in range(TRIANGLE_PANELS + 1)]
                  if d_in >= TRIANGLE_MIN_WIDTH else [0, d_in])
         self._panels = list(zip(edges[:-1], edges[1:]))
 
     def add_batch(self, inputs: torch.Tensor) -> None:
+        if self.sum_outer is None:
+            raise InvalidArgument(f"layer {self.name or '?'}: this Hessian accumulator was "
+                                  "finalized already")
         x = _flatten_inputs(inputs, self.d_in, self.name).to(self.sum_outer.device, self.dtype)
         _check_finite(x, self.name)
         for start, stop in self._panels:
@@ -111,21 +115,27 @@ class HessianAccumulator:
         self.n_tokens += x.shape[0]
 
     def finalize(self) -> Curvature:
+        """``H`` from the sum, in place: the accumulator's own buffer becomes ``H`` (no second
+        ``d_in^2`` tensor: at d_in 8192 that is 0.27 GB less at the peak of a block), so an
+        accumulator takes no batch afterwards; finalizing again returns the same curvature."""
+        if self._finalized is not None:
+            return self._finalized
         if self.n_tokens == 0:
             raise InvalidArgument(f"layer {self.name or '?'}: no calibration tokens were seen")
-        # The upper triangle mirrored a band of rows at a time, then scaled in place: one new
-        # d_in^2 tensor (not four: at d_in 8192 that is 0.27 instead of 1.1 GB at the peak of
-        # a block) and bit for bit (upper + upper.triu(1).T) * (2 / n).
-        hessian = self.sum_outer.triu()
+        # The upper triangle mirrored a band of rows at a time, then scaled: bit for bit
+        # (upper + upper.triu(1).T) * (2 / n). Below the diagonal panels nothing was summed,
+        # inside them both triangles hold the same sums; each is overwritten from the upper.
+        hessian, self.sum_outer = self.sum_outer, None
         step = -(-self.d_in // MIRROR_BANDS)
         for start in range(0, self.d_in, step):
             stop = min(start + step, self.d_in)
-            hessian[start:stop, :start] += hessian[:start, start:stop].T  # 0 + x, as before
+            hessian[start:stop, :start] = hessian[:start, start:stop].T
             band = hessian[start:stop, start:stop]
-            band.copy_(band + band.triu(1).T)
+            band.copy_(band.triu() + band.triu(1).T)
         hessian.mul_(2.0 / self.n_tokens)
-        return Curvature(hessian=hessian, n_tokens=self.n_tokens,
-                         dead_inputs=torch.diagonal(hessian) == 0, name=self.name)
+        self._finalized = Curvature(hessian=hessian, n_tokens=self.n_tokens,
+                                    dead_inputs=torch.diagonal(hessian) == 0, name=self.name)
+        return self._finalized
 
 
 class InputNormAccumulator:
