@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .algorithms import prune_weight
+from .algorithms.refit import row_losses
 from .curvature import block_output_factors, model_output_factors
 from .distributed import ProcessGroup, assign_by_cost, solve_cost
 from .errors import InvalidArgument, NonFiniteError, ObsCompressError
@@ -58,21 +59,15 @@ logger = logging.getLogger(__name__)
 BlockLoader = Callable[[BlockPlan], None]
 
 
-# Elements of dW taken at a time by reconstruction_loss (its temporaries: two such chunks,
-# not a float64 copy of H, 0.5 GB at d_in 8192).
-LOSS_CHUNK_ELEMENTS = 1 << 22
-
-
-def reconstruction_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``sum over rows of dW H dW^T / 2`` = ``||dW X^T||^2 / n`` for ``delta = dW: (d_out,
-    d_in)`` and the undamped ``H``: the products in ``H``'s dtype, a chunk of rows at a time,
-    summed in float64."""
-    delta = delta.to(device=hessian.device, dtype=hessian.dtype)
-    rows = max(1, LOSS_CHUNK_ELEMENTS // delta.shape[1])
-    total = 0.0
-    for part in delta.split(rows):
-        total += ((part @ hessian) * part).sum(dtype=torch.float64).item()
-    return total / 2
+def reconstruction_loss(delta: torch.Tensor, hessian: torch.Tensor,
+                        old: torch.Tensor | None = None) -> float:
+    """``sum over rows of dW H dW^T / 2`` = ``||dW X^T||^2 / n`` for ``dW = delta - old``
+    (``old`` None: ``delta`` itself), ``(d_out, d_in)``, and the undamped ``H``: the products
+    in ``H``'s dtype, a chunk of rows at a time
+    (:func:`~obs_compress.algorithms.refit.row_losses`), summed in float64."""
+    return row_losses(delta.to(hessian.device), hessian,
+                      old.to(hessian.device) if old is not None else None
+                      ).sum(dtype=torch.float64).item()
 
 
 def _uses_recursive(settings: PruneSettings) -> bool:
@@ -131,6 +126,7 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature | None,
                               row_weights=weights_of_rows, **settings.prune_kwargs())
     except ObsCompressError as exc:
         raise _named(exc, names) from exc
+    del stacked  # a copy of the layers' weights when stacked: not needed past the solve
     seconds = time.perf_counter() - start + extra_seconds
     dampening = _dampening_used(result.dampening_frac, settings)
     stats = []
@@ -147,7 +143,7 @@ def _prune_layers(plans: Sequence[LayerPlan], curvature: Curvature | None,
         elif result.loss_measured:  # measured on this weight with this undamped H already
             measured = loss.double().sum().item()
         else:
-            measured = reconstruction_loss(new_weight - weight, hessian)
+            measured = reconstruction_loss(new_weight, hessian, weight)
         n_pruned = int(mask.sum().item())
         layer.set_weight_(new_weight)
         stats.append(LayerStats(
@@ -235,9 +231,11 @@ def _row_weights(block: nn.Module, block_plan: BlockPlan, calls: Sequence[BlockC
 
 def _solve_units(feeds: Sequence[_Feed]) -> list[tuple[_Feed, list[LayerPlan]]]:
     """The solves of one pass, in order: per accumulator, its layers with the same settings
-    (stacked by rows into one ``prune_weight`` call)."""
+    (stacked by rows into one ``prune_weight`` call). The widest accumulator goes first, so
+    its ``d_in^2`` Hessian (down_proj's) is freed before the others' solves run beside it;
+    the results do not depend on the order (each solve reads its own Hessian only)."""
     units = []
-    for feed in feeds:
+    for feed in sorted(feeds, key=lambda feed: -feed.layers[0].layer.d_in):
         alike: dict[PruneSettings, list[LayerPlan]] = {}
         for plan in feed.layers:
             alike.setdefault(plan.settings, []).append(plan)

@@ -68,3 +68,19 @@ def test_allocation_picks_smallest_increments_as_prefixes():
     counts = allocate_by_increments(step_loss, 5)
     assert counts.tolist() == [1, 2, 2]
     assert allocate_by_increments(step_loss, 0).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,k", [(1, 1), (10, 0), (10, 3), (1000, 999), (5_000_003, 1_234_567)])
+def test_lowest_mask_is_the_stable_sort_prefix_in_chunks(dtype, n, k):
+    """Radix selection in chunks (no whole-matrix sort) marks exactly what a stable sort puts
+    first: ties, zeros and negatives included, across chunk edges."""
+    from obs_compress.math.masks import lowest_mask
+
+    generator = torch.Generator().manual_seed(n)
+    scores = torch.randn(n, generator=generator, dtype=dtype)
+    scores[::7] = 0.0
+    scores[::11] = -1.5
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[torch.sort(scores, stable=True).indices[:k]] = True
+    assert torch.equal(lowest_mask(scores, k), expected)

@@ -192,10 +192,12 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
             pruned = refit_kept_weights(original, mask, prepared.hessian, initial=pruned,
                                         hessian_inverse=prepared.hessian_inverse)
         loss = None
-    pruned = pruned.masked_fill(mask, 0)
+    # in place on the solver's own result; never on the caller's weight
+    shares_input = pruned.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+    pruned = pruned.masked_fill(mask, 0) if shares_input else pruned.masked_fill_(mask, 0)
     measured = loss is None and curvature is not None and curvature.hessian is not None
     if loss is None:
-        loss = (row_losses(pruned - original, loss_hessian) if loss_hessian is not None
+        loss = (row_losses(pruned, loss_hessian, original) if loss_hessian is not None
                 else torch.full((weight.shape[0],), float("nan"), dtype=dtype))
     return PruneResult(weight=pruned.to(weight.dtype).to(weight.device),
                        mask=mask.to(weight.device), loss=loss.to(weight.device),

@@ -35,9 +35,24 @@ DIRECT_MAX_WIDTH = 256
 DIRECT_CHUNK_ELEMENTS = 1 << 25
 
 
-def row_losses(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Per-row ``delta_r^T H delta_r / 2``: the increase of ``E`` caused by ``delta``."""
-    return ((delta @ hessian) * delta).sum(dim=1) / 2
+# Elements of the change taken at a time by row_losses (its temporaries: about three such
+# chunks, not three (d_out, d_in) matrices: 0.4 GB for a stacked gate/up of a 1.5B Llama).
+LOSS_CHUNK_ELEMENTS = 1 << 22
+
+
+def row_losses(new: torch.Tensor, hessian: torch.Tensor,
+               old: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row ``delta_r^T H delta_r / 2``: the increase of ``E`` caused by ``delta = new -
+    old`` (``old`` None: ``new`` is the change itself), in ``H``'s dtype, a chunk of rows at
+    a time."""
+    rows = max(1, LOSS_CHUNK_ELEMENTS // max(1, new.shape[1]))
+    losses = []
+    for start in range(0, new.shape[0], rows):
+        delta = new[start:start + rows].to(hessian.dtype)
+        if old is not None:
+            delta = delta - old[start:start + rows].to(hessian.dtype)
+        losses.append(((delta @ hessian) * delta).sum(dim=1) / 2)
+    return torch.cat(losses) if losses else new.new_zeros(0, dtype=hessian.dtype)
 
 
 def _refit_direct(weight, mask, hessian):
