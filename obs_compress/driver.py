@@ -51,7 +51,7 @@ from .model.hooks import accumulate_inputs, input_hooks, on_device, until_stoppe
 from .owl import owl_plan
 from .plan import BlockPlan, LayerPlan, PrunePlan, check_runs_without_data
 from .recipe import CurvatureSettings, PruneSettings
-from .structured import remove_block_structure
+from .structured import DenseReference, remove_block_structure
 from .report import BlockResult, LayerStats, PruneReport, StructureStats, summarize
 
 logger = logging.getLogger(__name__)
@@ -440,6 +440,10 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
             model, plan.stack, torch.cat(list(batches)), [p.layer for p in plan.layers],
             loss=curvature.loss, seed=curvature.seed, device=device)
     store = ActivationStore(activations, device, activations_dir)
+    reference = None
+    if (plan.structured is not None and plan.recipe.structured.score == "obs"
+            and plan.recipe.structured.reference == "dense"):
+        reference = DenseReference(calls)  # the dense stream, beside the pruned one
     try:
         store.hold_(calls)
         if plan.recipe.block_sparsity.method == "owl":
@@ -454,7 +458,7 @@ def _prune_blocks_with_data(model: nn.Module, plan: PrunePlan, batches: Sequence
                                              curvature=curvature, model_factors=model_factors)
                          if block_plan.layers else [])
                 structure = (remove_block_structure(block, block_plan, plan.structured, calls,
-                                                    plan.recipe, device)
+                                                    plan.recipe, device, reference)
                              if block_plan.structure is not None else None)
                 for call in calls:
                     hidden = call(block)

@@ -65,6 +65,7 @@ BLOCK_SPARSITY_METHODS = ("uniform", "owl")
 CURVATURE_KINDS = ("hessian", "kronecker")
 CURVATURE_LOSSES = ("block_reconstruction", "next_token", "next_token_sampled")
 STRUCTURED_HEADS = ("none", "per_group", "whole_group")
+STRUCTURED_REFERENCES = ("dense", "pruned")
 # calibration.source of a recipe that needs no data (magnitude only): no forward runs at
 # all, and the report has no reconstruction loss to give.
 NO_CALIBRATION = "none"
@@ -427,6 +428,11 @@ class StructuredSettings:
         1, ge=1, expected="an integer >= 1",
         description="Remove in this many steps per block, re-estimating the curvature and "
                     "the scores between them")
+    reference: Literal[STRUCTURED_REFERENCES] = _field(
+        "dense", expected=_one_of(STRUCTURED_REFERENCES),
+        description="obs: the outputs the compensated layer matches: dense (the dense "
+                    "model's residual stream after it, so the error of earlier blocks is "
+                    "corrected too) | pruned (the layer's own outputs before the removal)")
 
     @model_validator(mode="after")
     def _heads_agree(self) -> StructuredSettings:

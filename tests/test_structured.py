@@ -194,8 +194,9 @@ def test_the_shrunk_model_computes_what_the_masked_one_did(structured):
 def test_obs_compensation_beats_removal_without_it_and_kronecker_runs():
     structured = {"mlp_fraction": 0.25, "heads": "whole_group", "heads_removed": 2}
     losses = {}
-    for name, extra, curvature in (("obs", {}, None), ("activation", {"score": "activation"}, None),
-                                   ("kronecker", {}, {"kind": "kronecker"})):
+    for name, extra, curvature in (("obs", {"reference": "pruned"}, None),
+                                   ("activation", {"score": "activation"}, None),
+                                   ("kronecker", {"reference": "pruned"}, {"kind": "kronecker"})):
         _, _, report = masked_and_shrunk({**structured, **extra}, curvature)
         losses[name] = sum(s.reconstruction_loss for s in report.structure)
         if name == "obs":
@@ -203,6 +204,20 @@ def test_obs_compensation_beats_removal_without_it_and_kronecker_runs():
                 assert s.reconstruction_loss <= s.predicted_loss <= 1.1 * s.reconstruction_loss
     assert losses["obs"] < 0.5 * losses["activation"]
     assert losses["kronecker"] < losses["activation"]
+
+
+def test_the_dense_reference_brings_the_last_hidden_state_closer_to_the_dense_model():
+    dense = tiny_model("llama")
+    with torch.no_grad():
+        target = dense(IDS, output_hidden_states=True).hidden_states[-1]
+    errors = {}
+    for reference in ("pruned", "dense"):
+        masked, _, report = masked_and_shrunk({"mlp_fraction": 0.4, "heads": "per_group",
+                                               "heads_removed": 2, "reference": reference})
+        with torch.no_grad():
+            hidden = masked(IDS, output_hidden_states=True).hidden_states[-1]
+        errors[reference] = (hidden - target).pow(2).mean().item()
+    assert errors["dense"] < errors["pruned"]
 
 
 @pytest.fixture(scope="module")

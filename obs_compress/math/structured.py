@@ -166,6 +166,37 @@ def greedy_group_obs(weight: torch.Tensor, hessian_inverse: torch.Tensor, groups
     return weight, torch.tensor(sorted(removed), dtype=torch.long), predicted
 
 
+class TargetCovariance:
+    """Streaming ``C = 2 T^T X / n`` between a layer's inputs ``X: (n, d_in)`` and the outputs
+    ``T: (n, d_out)`` it should produce, in float64 (the cross term of the loss
+    ``||W' X^T - T^T||^2 / n`` whose Hessian is ``H = 2 X^T X / n``)."""
+
+    def __init__(self, d_out: int, d_in: int, *, device: torch.device | str | None = None):
+        self.sum = torch.zeros(d_out, d_in, dtype=torch.float64, device=device)
+        self.n_tokens = 0
+
+    def add_batch(self, targets: torch.Tensor, inputs: torch.Tensor) -> None:
+        t = targets.reshape(-1, self.sum.shape[0]).to(self.sum)
+        x = inputs.reshape(-1, self.sum.shape[1]).to(self.sum)
+        if t.shape[0] != x.shape[0]:
+            raise InvalidArgument(f"{t.shape[0]} target rows for {x.shape[0]} input rows")
+        self.sum.addmm_(t.T, x)
+        self.n_tokens += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        if self.n_tokens == 0:
+            raise InvalidArgument("no tokens were seen")
+        return self.sum * (2.0 / self.n_tokens)
+
+
+def refit_to_target(covariance: torch.Tensor, hessian_inverse: torch.Tensor) -> torch.Tensor:
+    """``W* = C A^-1``: the weight whose outputs best match the target (least squares, under
+    the damped ``A`` of ``hessian_inverse``). Since ``||W' X^T - T^T||^2 / n`` equals
+    ``sum_r (w'_r - w*_r) A (w'_r - w*_r)^T / 2`` plus a constant, removing columns of the
+    layer against the target is the OBS problem of ``W*`` (:func:`greedy_group_obs`)."""
+    return covariance @ hessian_inverse
+
+
 def lowest(scores: torch.Tensor, count: int, *, parts: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of the ``count`` lowest ``scores``, ascending by index. ``parts``: ``(n_parts,
     part_size)`` indices into ``scores``; then ``count`` from each part (grouped-query
@@ -180,5 +211,5 @@ def lowest(scores: torch.Tensor, count: int, *, parts: torch.Tensor | None = Non
     return torch.cat(chosen).sort().values
 
 
-__all__ = ["SCORES", "activation_scores", "greedy_group_obs", "lowest", "obs_group_saliency",
-           "remove_column_groups", "weight_norm_scores"]
+__all__ = ["SCORES", "TargetCovariance", "activation_scores", "greedy_group_obs", "lowest",
+           "obs_group_saliency", "refit_to_target", "remove_column_groups", "weight_norm_scores"]
