@@ -33,9 +33,11 @@ _EPILOG = textwrap.dedent("""\
 _PRUNE_EPILOG = textwrap.dedent("""\
     Recipe fields (see recipes/*.yaml): method, sparsity, pattern, allocation, block_size,
     dampening_frac, max_dampening_frac, refit, inverse, targets, ignore, overrides,
-    sequential, block_sparsity, calibration (obs-compress recipe FILE checks a recipe).
+    sequential, block_sparsity, calibration, curvature (hessian | kronecker), structured
+    (whole MLP channels and heads out: a smaller dense model; recipes/structured-*.yaml)
+    (obs-compress recipe FILE checks a recipe).
     --set takes YAML values: --set sparsity=0.7 --set pattern=2:4 --set refit=true
-    --set calibration.n_samples=32 --set "targets=['mlp']".
+    --set calibration.n_samples=32 --set "targets=['mlp']" --set structured.mlp_fraction=0.1.
 
     Calibration (--dataset): c4 or wikitext2 (files of --data-dir, default
     $OBS_COMPRESS_DATA_DIR; never downloaded), hub:c4 or hub:wikitext2 (the same data from the

@@ -524,6 +524,10 @@ def prune_blocks(model: nn.Module, plan: PrunePlan, input_ids: torch.Tensor | No
             if plan.structured is not None:
                 raise InvalidArgument("structured removal does not run with several processes "
                                       "(it loads the whole model)")
+            if plan.recipe.curvature.kind == "kronecker":
+                raise InvalidArgument("curvature.kind kronecker does not run with several "
+                                      "processes (each rank's G would come from its share of "
+                                      "the samples alone); use one process")
         batches = _batches(group.local_samples(input_ids) if group is not None else input_ids,
                            batch_size)
     was_training = model.training

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from _tiny_models import save_tiny, write_text_file
 from obs_compress.cli import EXIT_ERROR
+from obs_compress.errors import InvalidArgument
 from obs_compress.distributed import assign_by_cost, solve_cost
 from obs_compress.export.checkpoint import REPORT_NAME
 from obs_compress.export.progress import in_progress_folder
@@ -167,3 +168,24 @@ def test_a_rank_that_dies_or_hangs_makes_the_other_fail_clearly(tmp_path, tiny, 
         assert seconds > 10  # it waited for the timeout, not for a closed connection
     assert not out.exists()  # nothing looks finished
     assert not (in_progress_folder(out) / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("recipe,match", [
+    ({"inverse": "recursive"}, "recursive keeps H\\^-1"),
+    ({"curvature": {"kind": "kronecker"}}, "kronecker does not run with several processes"),
+    ({"block_sparsity": {"method": "owl"}}, "owl does not run with several processes"),
+])
+def test_what_cannot_be_split_over_ranks_is_refused_before_any_change(recipe, match):
+    from types import SimpleNamespace
+
+    from _tiny_models import tiny_model
+    from obs_compress.driver import prune_blocks
+    from obs_compress.plan import build_plan
+
+    model = tiny_model("llama")
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InvalidArgument, match=match):
+        next(prune_blocks(model, build_plan(model, recipe), ids, progress=False,
+                          group=SimpleNamespace(world_size=2, rank=0, is_writer=True)))
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
