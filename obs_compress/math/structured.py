@@ -52,13 +52,19 @@ def obs_group_saliency(weight: torch.Tensor, hessian_inverse: torch.Tensor, grou
     ``(n_groups,)``. ``hessian_inverse``: the damped ``A^-1``; ``output_factor``: ``G``
     (None: ``I``, the layer-wise saliency ``1/2 sum_i w_iQ ([A^-1]_QQ)^-1 w_iQ^T``)."""
     groups = _check_groups(groups, weight.shape[1]).to(weight.device)
+    if output_factor is not None and output_factor.shape != (weight.shape[0], weight.shape[0]):
+        raise InvalidArgument(f"output factor G must be ({weight.shape[0]}, "
+                              f"{weight.shape[0]}), got {tuple(output_factor.shape)}")
+    if groups.shape[1] == 1:  # single columns (MLP channels): no solve, one vectorised step
+        columns = groups[:, 0]
+        removed = weight[:, columns]                                        # (d_out, n)
+        weighted = (output_factor.to(removed) @ removed if output_factor is not None
+                    else removed)
+        return 0.5 * (weighted * removed).sum(dim=0) / torch.diagonal(hessian_inverse)[columns]
     blocks = hessian_inverse[groups[:, :, None], groups[:, None, :]]      # (n, k, k)
     removed = weight[:, groups].permute(1, 2, 0)                            # (n, k, d_out)
     coefficients = torch.linalg.solve(blocks, removed)                      # ([A^-1]_QQ)^-1 W_Q^T
     if output_factor is not None:
-        if output_factor.shape != (weight.shape[0], weight.shape[0]):
-            raise InvalidArgument(f"output factor G must be ({weight.shape[0]}, "
-                                  f"{weight.shape[0]}), got {tuple(output_factor.shape)}")
         removed = removed @ output_factor.to(removed)                       # (G W_Q)^T
     return 0.5 * (coefficients * removed).sum(dim=(1, 2))
 
@@ -148,12 +154,18 @@ def greedy_group_obs(weight: torch.Tensor, hessian_inverse: torch.Tensor, groups
         best = int(positions[int(scores.argmin())])
         predicted += float(scores.min())
         columns = groups[best]
-        block = inverse[columns][:, columns]
-        coefficients = torch.linalg.solve(block, weight[:, columns].T).T     # W_Q ([A^-1]_QQ)^-1
-        rows_q = inverse[columns]                                           # [A^-1]_{Q,:}
-        weight -= coefficients @ rows_q
+        if columns.numel() == 1:  # rank-one updates in place (no d_in^2 temporary per step)
+            column = int(columns[0])
+            row = inverse[column].clone()                                   # [A^-1]_{q,:}
+            weight.addr_(weight[:, column] / row[column], row, alpha=-1.0)
+            inverse.addr_(row, row, alpha=-1.0 / float(row[column]))
+        else:
+            block = inverse[columns][:, columns]
+            coefficients = torch.linalg.solve(block, weight[:, columns].T).T  # W_Q ([A^-1]_QQ)^-1
+            rows_q = inverse[columns]                                       # [A^-1]_{Q,:}
+            weight -= coefficients @ rows_q
+            inverse -= rows_q.T @ torch.linalg.solve(block, rows_q)
         weight[:, columns] = 0
-        inverse -= rows_q.T @ torch.linalg.solve(block, rows_q)
         # a removed column is decoupled: its row and column of the downdated inverse are 0
         # up to rounding; a unit diagonal keeps later solves away from them regular
         inverse[columns, :] = 0
