@@ -200,7 +200,9 @@ def remove_block_structure(block: nn.Module, block_plan: BlockPlan, counts: Stru
     ``reference``: the dense model's stream (``structured.reference: dense``, score obs): the
     block is first run dense on it, then ``o_proj`` is fitted to the dense ``h + o_proj(...)``
     and ``down_proj`` to the dense block output, from the pruned stream's inputs (so each
-    also undoes what earlier blocks' removals changed), and the stream is advanced."""
+    also undoes what earlier blocks' removals changed), in every shot, also where no unit of
+    it goes (a recipe removing heads only still fits ``down_proj``), and the stream is
+    advanced."""
     structure = block_plan.structure
     settings = recipe.structured
     start = time.perf_counter()
@@ -226,8 +228,12 @@ def remove_block_structure(block: nn.Module, block_plan: BlockPlan, counts: Stru
             if counts.heads:
                 _remove_heads(block, structure, counts, calls, recipe, shot, seed, device, heads,
                               kv_heads, totals, o_target)
+            elif reference is not None:  # nothing to remove: o_proj still fits the dense stream
+                _remove_units(block, structure.o, calls,
+                              structure.head_columns(range(structure.widths.num_attention_heads)),
+                              0, None, recipe, seed, device, totals, o_target)
             count = _cumulative(counts.mlp_channels, shot, settings.shots) - len(channels)
-            if count:
+            if count or reference is not None:  # count 0: down_proj only fits the dense stream
                 alive = [j for j in range(structure.widths.intermediate_size)
                          if j not in set(channels)]
                 chosen = _remove_units(block, structure.down, calls,
