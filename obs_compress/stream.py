@@ -91,6 +91,27 @@ def release_freed_memory() -> None:
         pass
 
 
+# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD -3).
+_M_MMAP_THRESHOLD = -3
+# Allocations from this size up get their own mapping, returned to the OS when freed.
+STREAMING_MMAP_THRESHOLD = 4 << 20
+
+
+def fix_mmap_threshold() -> bool:
+    """Keep glibc's mmap threshold at :data:`STREAMING_MMAP_THRESHOLD` for this process.
+
+    By default glibc raises the threshold to the size of the largest block freed (up to 32
+    MB), so a block forward's activation temporaries (``batch x seq x hidden`` floats, 16 MB
+    at 1.5B) then come from the heap, which fragments and keeps them: 150-230 MB more peak
+    resident memory on a 1.5B block, measured, at no measurable time cost. Fixing the
+    threshold also stops that raising (glibc has no way to turn it back on), for the rest of
+    the process. False where the C library has no ``mallopt`` (musl, macOS)."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def model_identity(folder: Path) -> dict[str, Any]:
     """The source checkpoint, cheaply: config.json's sha256 and each safetensors file's
     size and header sha256 (the header names every tensor with its dtype, shape, offsets)."""
@@ -135,6 +156,7 @@ def _prune_as_follower(model: Any, plan: Any, input_ids: torch.Tensor | None,
     """A rank other than 0: the same blocks pruned with the others, nothing written; returns
     once rank 0 has committed the output folder (or fails when it died)."""
     def load_block(block_plan) -> None:
+        streaming.release_outside_()  # the first block's inputs are captured by now
         streaming.load_block_(block_plan.index, [p.layer.name for p in block_plan.layers])
 
     layers: list[LayerStats] = []
@@ -175,6 +197,9 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
     from .api import _check_vocabulary
 
     start = time.perf_counter()
+    if fix_mmap_threshold():
+        logger.info("malloc: allocations of %d MiB and more are mapped apart (returned to the "
+                    "OS when freed) for the rest of this process", STREAMING_MMAP_THRESHOLD >> 20)
     if group is not None and resume:
         raise InvalidArgument(f"--resume continues a single-process run; this one has "
                               f"{group.world_size} processes, whose next-block inputs are "
@@ -244,6 +269,9 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
         raise RuntimeError("progress record without stored inputs")  # written together
 
     def load_block(block_plan) -> None:
+        # Called after the first block's inputs are captured: the embeddings and the head
+        # (written at the start) are not read again.
+        streaming.release_outside_()
         streaming.load_block_(block_plan.index, [p.layer.name for p in block_plan.layers])
 
     seconds_before = record.seconds

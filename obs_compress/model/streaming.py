@@ -4,9 +4,11 @@
 the meta device (buffers computed for real: rotary tables and masks are no weights), then
 loads the tensors outside the block stack (embeddings, final norm, head; tied weights once)
 from the folder's safetensors files, memory-mapped (``safetensors.safe_open``). The driver
-then calls :meth:`StreamingModel.load_block_` before it works on a block, and the caller
-:meth:`StreamingModel.release_block_` once the block's tensors are written, so memory holds
-one block, not the model.
+then calls :meth:`StreamingModel.load_block_` before it works on a block (its tensors read
+into memory of their own), and the caller :meth:`StreamingModel.release_block_` once the
+block's tensors are written, so memory holds one block, not the model; the tensors outside
+the stack are released (:meth:`StreamingModel.release_outside_`) once the first block's
+inputs are captured.
 
 What ``from_pretrained`` would do is done the same way here, or refused:
 
@@ -111,10 +113,15 @@ class StreamingModel:
     files: dict[str, str]
     _handles: dict[str, Any] = field(default_factory=dict)
 
-    def _read(self, file_name: str) -> torch.Tensor:
+    def _read(self, file_name: str, *, mapped: bool) -> torch.Tensor:
+        """A file tensor, memory-mapped or (``mapped=False``) read into memory of its own."""
         from safetensors import safe_open
 
         file = self.files[file_name]
+        if not mapped:
+            from ..export.shards import read_tensor
+
+            return read_tensor(self.folder / file, file_name)
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.folder / file), framework="pt")
         return self._handles[file].get_tensor(file_name)
@@ -126,20 +133,21 @@ class StreamingModel:
             return [g for g in self.groups if not g[0][0].startswith(blocks)]
         return [g for g in self.groups if g[0][0].startswith(prefix + ".")]
 
-    def _load_(self, groups: list[tuple[list[str], str | None]]) -> None:
+    def _load_(self, groups: list[tuple[list[str], str | None]], *, mapped: bool) -> None:
         try:
-            self._load_from_files_(groups)
+            self._load_from_files_(groups, mapped=mapped)
         finally:
             # Unmapped after each block: the pages read would otherwise stay in the
             # process's resident set until the end, the whole model's worth.
             self.close()
 
-    def _load_from_files_(self, groups: list[tuple[list[str], str | None]]) -> None:
+    def _load_from_files_(self, groups: list[tuple[list[str], str | None]], *,
+                          mapped: bool) -> None:
         for names, file_name in groups:
             if file_name is None:
                 continue
             current = self.model.get_parameter_or_buffer(names[0])
-            value = self._read(file_name)
+            value = self._read(file_name, mapped=mapped)
             if tuple(value.shape) != tuple(current.shape):
                 raise ModelLoadError(
                     f"tensor {file_name} of {self.folder} has shape {tuple(value.shape)}; the "
@@ -153,12 +161,17 @@ class StreamingModel:
                 _assign_(self.model, name, value)
 
     def load_outside_blocks_(self) -> None:
-        """Load embeddings, final norms, heads (and anything else outside the stack)."""
-        self._load_(self._groups_under(None))
+        """Load embeddings, final norms, heads (and anything else outside the stack),
+        memory-mapped: the capture reads only the embedding rows of the calibration tokens."""
+        self._load_(self._groups_under(None), mapped=True)
 
     def load_block_(self, index: int, target_names: list[str]) -> None:
-        """Load block ``index``'s tensors; ``target_names``' weights are checked finite."""
-        self._load_(self._groups_under(self.stack.block_name(index)))
+        """Load block ``index``'s tensors; ``target_names``' weights are checked finite.
+
+        Read into memory of their own, not mapped: a pruned weight replaces its tensor, and
+        a mapping's pages stay resident while any tensor of the mapping lives, so a mapped
+        block would be counted twice by the end of its solves."""
+        self._load_(self._groups_under(self.stack.block_name(index)), mapped=False)
         for name in target_names:
             weight = self.model.get_submodule(name).weight
             if not torch.isfinite(weight).all():
@@ -167,7 +180,16 @@ class StreamingModel:
 
     def release_block_(self, index: int) -> None:
         """Put block ``index``'s parameters back on the meta device (frees their memory)."""
-        for names, file_name in self._groups_under(self.stack.block_name(index)):
+        self._release_(self._groups_under(self.stack.block_name(index)))
+
+    def release_outside_(self) -> None:
+        """Put the parameters outside the stack back on the meta device: once the first
+        block's inputs are captured (and the writer has them) nothing reads them again, and
+        an embedding and a head are each ``vocab x hidden``."""
+        self._release_(self._groups_under(None))
+
+    def _release_(self, groups: list[tuple[list[str], str | None]]) -> None:
+        for names, file_name in groups:
             current = self.model.get_parameter_or_buffer(names[0])
             if file_name is None or not isinstance(current, nn.Parameter):
                 continue
