@@ -52,6 +52,9 @@ def test_streaming_equals_in_memory_byte_for_byte(tmp_path, family, shard):
     loaded = run(source, tmp_path / "loaded", calibration, max_shard_size=shard, streaming=False)
     assert streamed.report.path == "streaming"
     assert loaded.report.path.startswith("in-memory")
+    # nothing of the model is held at the end: the blocks and (once the first block's inputs
+    # were captured) the embeddings and head went back to the meta device
+    assert all(p.is_meta for p in streamed.model.parameters())
     assert json.loads((tmp_path / "streamed" / REPORT_NAME).read_text())["path"] == "streaming"
     files = weights_and_config(tmp_path / "streamed")
     assert files == weights_and_config(tmp_path / "loaded")
