@@ -429,10 +429,11 @@ class StructuredSettings:
         description="Remove in this many steps per block, re-estimating the curvature and "
                     "the scores between them")
     reference: Literal[STRUCTURED_REFERENCES] = _field(
-        "dense", expected=_one_of(STRUCTURED_REFERENCES),
-        description="obs: the outputs the compensated layer matches: dense (the dense "
-                    "model's residual stream after it, so the error of earlier blocks is "
-                    "corrected too) | pruned (the layer's own outputs before the removal)")
+        "pruned", expected=_one_of(STRUCTURED_REFERENCES),
+        description="obs: the outputs the compensated layer matches: pruned (the layer's own "
+                    "outputs before the removal; measured better on SmolLM2, "
+                    "docs/benchmarks.md) | dense (the dense model's residual stream after it, "
+                    "so the error of earlier blocks is corrected too)")
 
     @model_validator(mode="after")
     def _heads_agree(self) -> StructuredSettings:
