@@ -78,17 +78,21 @@ def streaming_refusal(folder: Path | None, recipe: Any, calibration: Any,
     return None
 
 
-def release_freed_memory() -> None:
-    """Hand the heap the finished block freed back to the OS (glibc's ``malloc_trim``).
-
-    glibc raises its mmap threshold after a large block is freed (up to 32 MB), so a block's
-    temporaries below it come from the heap, and freed heap is kept for reuse: without a trim
-    a streaming run's resident set grows by what one block's work fragmented. A no-op where
-    the C library has no ``malloc_trim`` (musl, macOS)."""
+def _glibc(function: str):
+    """The C library's ``function``, or None where it has none (musl, macOS)."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        return getattr(ctypes.CDLL(None), function)
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap the finished block freed back to the OS (glibc's ``malloc_trim``):
+    freed heap below the mmap threshold is otherwise kept for reuse, so a streaming run's
+    resident set would grow by what one block's work fragmented. A no-op without it."""
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
 # glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD -3).
@@ -102,14 +106,23 @@ def fix_mmap_threshold() -> bool:
 
     By default glibc raises the threshold to the size of the largest block freed (up to 32
     MB), so a block forward's activation temporaries (``batch x seq x hidden`` floats, 16 MB
-    at 1.5B) then come from the heap, which fragments and keeps them: 150-230 MB more peak
-    resident memory on a 1.5B block, measured, at no measurable time cost. Fixing the
-    threshold also stops that raising (glibc has no way to turn it back on), for the rest of
-    the process. False where the C library has no ``mallopt`` (musl, macOS)."""
-    try:
-        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
+    at 1.5B) then come from the heap, which fragments and keeps them: 130-230 MiB more peak
+    resident memory on a 1.5B-shaped block (two runs each way), the time within noise.
+    Fixing the threshold also stops that raising (glibc has no way to turn it back on), for
+    the rest of the process. False where the C library has no ``mallopt``."""
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD))
+
+
+def _block_loader(streaming: StreamingModel):
+    """The driver's ``block_loader``: it runs after the first block's inputs are captured,
+    so the embeddings and head (written at the start on rank 0) are released then, never
+    read again; then the block's tensors are read."""
+    def load_block(block_plan) -> None:
+        streaming.release_outside_()
+        streaming.load_block_(block_plan.index, [p.layer.name for p in block_plan.layers])
+
+    return load_block
 
 
 def model_identity(folder: Path) -> dict[str, Any]:
@@ -155,13 +168,10 @@ def _prune_as_follower(model: Any, plan: Any, input_ids: torch.Tensor | None,
                        ) -> tuple[PruneReport, Path, StreamingModel, Any]:
     """A rank other than 0: the same blocks pruned with the others, nothing written; returns
     once rank 0 has committed the output folder (or fails when it died)."""
-    def load_block(block_plan) -> None:
-        streaming.release_outside_()  # the first block's inputs are captured by now
-        streaming.load_block_(block_plan.index, [p.layer.name for p in block_plan.layers])
-
     layers: list[LayerStats] = []
     for result in prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
-                               progress=False, block_loader=load_block, group=group,
+                               progress=False, block_loader=_block_loader(streaming),
+                               group=group,
                                activations=choice.placement if choice else "device"):
         streaming.release_block_(result.index)
         result.outputs = None
@@ -268,17 +278,11 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
     if record.blocks_done and input_ids is not None and start_inputs is None:
         raise RuntimeError("progress record without stored inputs")  # written together
 
-    def load_block(block_plan) -> None:
-        # Called after the first block's inputs are captured: the embeddings and the head
-        # (written at the start) are not read again.
-        streaming.release_outside_()
-        streaming.load_block_(block_plan.index, [p.layer.name for p in block_plan.layers])
-
     seconds_before = record.seconds
     run_start = time.perf_counter()
     layers = [_layer_stats(data) for data in record.layers]
     for result in prune_blocks(model, plan, input_ids, device=device, batch_size=batch_size,
-                               progress=progress, block_loader=load_block,
+                               progress=progress, block_loader=_block_loader(streaming),
                                start_block=record.blocks_done, start_inputs=start_inputs,
                                group=group, activations=choice.placement if choice else "device",
                                activations_dir=work):

@@ -137,8 +137,8 @@ class StreamingModel:
         try:
             self._load_from_files_(groups, mapped=mapped)
         finally:
-            # Unmapped after each block: the pages read would otherwise stay in the
-            # process's resident set until the end, the whole model's worth.
+            # Handles closed after each load: a mapping's pages stay in the process's
+            # resident set while it is open (only the outside tensors are mapped).
             self.close()
 
     def _load_from_files_(self, groups: list[tuple[list[str], str | None]], *,
