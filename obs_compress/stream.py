@@ -114,6 +114,12 @@ def fix_mmap_threshold() -> bool:
     return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD))
 
 
+def _record_writer(record: Any, writer: ShardWriter) -> None:
+    """What the writer has on disk, into the progress record (copies: the writer goes on)."""
+    record.shards, record.staged = dict(writer.written), dict(writer.staged)
+    record.filling = {file: dict(digests) for file, digests in writer.filling.items()}
+
+
 def _block_loader(streaming: StreamingModel):
     """The driver's ``block_loader``: it runs after the first block's inputs are captured,
     so the embeddings and head (written at the start on rank 0) are released then, never
@@ -208,8 +214,11 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
 
     start = time.perf_counter()
     if fix_mmap_threshold():
+        from . import THP_ALLOCATION
+
         logger.info("malloc: allocations of %d MiB and more are mapped apart (returned to the "
-                    "OS when freed) for the rest of this process", STREAMING_MMAP_THRESHOLD >> 20)
+                    "OS when freed) for the rest of this process; huge pages for torch's "
+                    "allocations: %s", STREAMING_MMAP_THRESHOLD >> 20, THP_ALLOCATION)
     if group is not None and resume:
         raise InvalidArgument(f"--resume continues a single-process run; this one has "
                               f"{group.world_size} processes, whose next-block inputs are "
@@ -265,14 +274,14 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
                                       start=start, choice=choice)
     work, record = open_progress(out, identity, n_blocks, resume=resume, overwrite=overwrite)
     writer = ShardWriter(work, layout, encodings)
-    writer.restore(record.staged, record.shards)
+    writer.restore(record.staged, record.shards, record.filling)
     resumed_at = record.blocks_done if record.blocks_done else None
-    if record.blocks_done == 0 and not record.shards and not record.staged:
+    if record.blocks_done == 0 and not (record.shards or record.staged or record.filling):
         writer.add(streaming.outside_state(), label="outside")
         # Mapped afresh: the pages the writer just read would otherwise stay resident to the
         # end (the head alone is vocab x hidden); the capture touches only the rows it embeds.
         streaming.load_outside_blocks_()
-        record.shards, record.staged = dict(writer.written), dict(writer.staged)
+        _record_writer(record, writer)
         write_manifest(work, record)
     start_inputs = _load_inputs(work, record.inputs) if record.inputs is not None else None
     if record.blocks_done and input_ids is not None and start_inputs is None:
@@ -300,7 +309,7 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
         result.outputs = None
         layers.extend(result.layers)
         record.blocks_done = result.index + 1
-        record.shards, record.staged = dict(writer.written), dict(writer.staged)
+        _record_writer(record, writer)
         record.layers = [s.to_dict() for s in layers]
         record.seconds = seconds_before + time.perf_counter() - run_start
         write_manifest(work, record)

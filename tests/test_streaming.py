@@ -134,6 +134,65 @@ def test_the_writer_writes_what_safetensors_writes(tmp_path):
                                                           "theirs.safetensors"]
 
 
+def test_read_tensor_reads_what_safetensors_stored_and_refuses_a_truncated_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from obs_compress.errors import CheckpointFormatError
+    from obs_compress.export.shards import read_tensor
+
+    generator = torch.Generator().manual_seed(1)
+    tensors = {"w": torch.randn(3, 5, generator=generator),
+               "h": torch.randn(7, generator=generator).to(torch.bfloat16),
+               "m": torch.rand(2, 3, generator=generator) > 0.5, "e": torch.zeros(0, 2)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    for name, tensor in tensors.items():
+        read = read_tensor(path, name)
+        assert read.dtype == tensor.dtype and read.shape == tensor.shape
+        assert read.view(-1).view(torch.uint8).numpy().tobytes() == (
+            tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    data = path.read_bytes()
+    path.write_bytes(data[:-4])  # the last tensor of the data loses its last bytes
+    with pytest.raises(CheckpointFormatError, match="tensor . ends past the end.*truncated"):
+        for name in tensors:
+            read_tensor(path, name)
+
+
+def test_the_writer_fills_shards_in_place_to_the_bytes_of_a_whole_write(tmp_path):
+    """Block by block, with a second writer restored from the first's record halfway (a
+    resumed run): the same files as one whole write, each tensor written once, no staging."""
+    from obs_compress.export.shards import (PARTIAL_SUFFIX, STAGING_DIR, ShardWriter,
+                                            checkpoint_layout)
+
+    model = tiny_model("llama", layers=3)
+    layout = checkpoint_layout(model, 40_000)
+    assert layout.is_sharded
+    state = model.state_dict()
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    writer = ShardWriter(whole, layout)
+    writer.add(state, label="all")
+    writer.finish()
+    blocks = [{n: t for n, t in state.items() if not n.startswith("model.layers.")}]
+    blocks += [{n: t for n, t in state.items() if n.startswith(f"model.layers.{i}.")}
+               for i in range(3)]
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    first = ShardWriter(parts, layout)
+    for block in blocks[:2]:
+        first.add(block, label="x")
+    assert first.filling and all((parts / (f + PARTIAL_SUFFIX)).is_file() for f in first.filling)
+    second = ShardWriter(parts, layout)
+    second.restore(first.staged, first.written, first.filling)
+    for block in blocks[2:]:
+        second.add(block, label="x")
+    second.finish()
+    assert not second.filling and not second.staged and not (parts / STAGING_DIR).exists()
+    assert sorted(p.name for p in parts.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for path in whole.iterdir():
+        assert (parts / path.name).read_bytes() == path.read_bytes()
+
+
 # --------------------------------------------------------------------------- resume
 
 # The CLI with a pause injected at one moment of the run (the library has no test switch):
@@ -177,6 +236,8 @@ elif moment == "solve":  # inside a block, before one of its solves
     hooked(driver, "prune_weight", before=True)
 elif moment == "write":  # a safetensors file half written
     hooked(shards, "tensor_bytes", before=True)
+elif moment == "filled":  # a shard filled in place and renamed, not yet recorded
+    hooked(shards, "file_sha256", before=True)
 from obs_compress.cli import main
 
 sys.exit(main(args))
@@ -227,6 +288,7 @@ def reference(tmp_path_factory):
     ("calibration", 1, 0),
     ("solve", 6, 1),  # 4 solves a block (q/k/v, o, gate/up, down): block 2's second
     ("write", 20, None),  # the 20th tensor's bytes: into block 1 or 2, mid-file
+    ("filled", 1, None),  # the first shard completed in place
 ])
 def test_killed_run_resumes_to_the_same_bytes(tmp_path, reference, moment, count, finished,
                                               capsys):
@@ -245,6 +307,12 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, reference, moment, count
         blocks_done = json.loads((work / MANIFEST_NAME).read_text())["blocks_done"]
         if finished is not None:
             assert blocks_done == finished
+        if moment == "filled":  # completed, renamed, but still recorded as being filled
+            from obs_compress.export.shards import PARTIAL_SUFFIX
+
+            filling = json.loads((work / MANIFEST_NAME).read_text())["filling"]
+            assert any((work / f).is_file() and not (work / (f + PARTIAL_SUFFIX)).exists()
+                       for f in filling)
         assert sorted(p.name for p in tmp_path.iterdir()) == [work.name, "pausing_cli.py"]
         capsys.readouterr()
         assert main(prune_args(source, out, calibration)) == EXIT_ERROR  # not without --resume
@@ -275,3 +343,30 @@ def test_resume_with_another_recipe_or_calibration_is_refused(tmp_path, referenc
                          device="cpu", progress=False, resume=True, max_shard_size="40KB")
     assert main(prune_args(source, out, calibration, "--resume")) == 0  # still resumable
     assert weights_and_config(out) == expected
+
+
+def test_resume_refuses_a_changed_tensor_in_a_shard_being_filled(tmp_path, reference, capsys):
+    from obs_compress.export.shards import PARTIAL_SUFFIX, read_header
+
+    source, calibration, expected = reference
+    out = tmp_path / "out"
+    runner = tmp_path / "pausing_cli.py"
+    runner.write_text(PAUSING_CLI, encoding="utf-8")
+    kill_when_paused([sys.executable, str(runner), "solve", "6",
+                      *prune_args(source, out, calibration)])
+    work = in_progress_folder(out)
+    filling = json.loads((work / MANIFEST_NAME).read_text())["filling"]
+    shard, digests = next(iter(filling.items()))
+    partial = work / (shard + PARTIAL_SUFFIX)
+    name = next(iter(digests))
+    with partial.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+    start = read_header(partial)[name]["data_offsets"][0]
+    data = bytearray(partial.read_bytes())
+    data[8 + length + start] ^= 0xFF
+    partial.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(prune_args(source, out, calibration, "--resume")) == EXIT_ERROR
+    error = capsys.readouterr().err
+    assert partial.name in error and "differs from what the progress record holds" in error
+    assert work.is_dir() and not out.exists()

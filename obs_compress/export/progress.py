@@ -2,15 +2,18 @@
 
 A streaming run writes into ``.<out>.in-progress`` beside ``out`` (a stable name: a resumed
 run finds it; the clean-up of dead runs' ``.partial-`` folders never touches it). After every
-block it records in ``progress.json`` what is on disk: the shard files written and the
-staging files holding tensors of shards not yet complete (each with its sha256), the hidden
+block it records in ``progress.json`` what is on disk: the shard files written (each with its
+sha256), the tensors already in place in the shards being filled (``<shard>.partial``, each
+tensor's sha256) and the staging files holding a compressed shard's tensors until it is
+complete (each with its sha256), the hidden
 states entering the next block (``inputs-<block>.safetensors``), the per-layer statistics so
 far, and the run's identity (tool version, model, recipe, calibration digest and the settings
 that change the bytes). The manifest is replaced atomically (written beside, flushed,
 renamed), after the files it names are on disk, so a SIGKILL at any moment leaves either the
 previous record or the new one, and at most the block in flight is lost. Files the record
-does not name (the block in flight's) are deleted on resume; files it names are checked
-against their sha256 first. The folder only becomes ``out`` by a rename once complete.
+does not name (the block in flight's) are deleted on resume; files and tensors it names are
+checked against their sha256 first (a tensor of the block in flight half-written into a
+``.partial`` file is not named, and is written again). The folder only becomes ``out`` by a rename once complete.
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgument, OutputExistsError
-from .shards import file_sha256
+from ..errors import CheckpointFormatError, InvalidArgument, OutputExistsError
+from .shards import PARTIAL_SUFFIX, file_sha256, first_differing_tensor
 
 logger = logging.getLogger(__name__)
 
 IN_PROGRESS_SUFFIX = ".in-progress"
 MANIFEST_NAME = "progress.json"
-MANIFEST_FORMAT = "obs_compress progress 1"
+MANIFEST_FORMAT = "obs_compress progress 2"
 
 
 class ResumeRefused(InvalidArgument):
@@ -50,6 +53,7 @@ class Progress:
     blocks_done: int = 0
     shards: dict[str, str] = field(default_factory=dict)  # file -> sha256
     staged: dict[str, dict] = field(default_factory=dict)  # file -> {"names", "sha256"}
+    filling: dict[str, dict[str, str]] = field(default_factory=dict)  # shard -> {tensor: sha256}
     inputs: dict[str, str] | None = None  # {"file", "sha256"}: inputs of block blocks_done
     layers: list[dict] = field(default_factory=list)
     seconds: float = 0.0  # time spent by the runs before this one
@@ -58,7 +62,7 @@ class Progress:
     def to_dict(self) -> dict[str, Any]:
         return {"format": MANIFEST_FORMAT, "identity": self.identity, "n_blocks": self.n_blocks,
                 "blocks_done": self.blocks_done, "shards": self.shards, "staged": self.staged,
-                "inputs": self.inputs, "layers": self.layers, "seconds": self.seconds,
+                "filling": self.filling, "inputs": self.inputs, "layers": self.layers, "seconds": self.seconds,
                 "pid": self.pid}
 
     @classmethod
@@ -66,8 +70,8 @@ class Progress:
         if data.get("format") != MANIFEST_FORMAT:
             raise ResumeRefused(f"progress record format {data.get('format')!r} is not "
                                 f"{MANIFEST_FORMAT!r} (written by another version of the tool)")
-        fields = ("identity", "n_blocks", "blocks_done", "shards", "staged", "inputs", "layers",
-                  "seconds", "pid")
+        fields = ("identity", "n_blocks", "blocks_done", "shards", "staged", "filling", "inputs",
+                  "layers", "seconds", "pid")
         return cls(**{name: data[name] for name in fields})
 
 
@@ -161,6 +165,11 @@ def open_progress(out: Path, identity: dict[str, Any], n_blocks: int, *, resume:
     return folder, progress
 
 
+def _differs(path: Path) -> ResumeRefused:
+    return ResumeRefused(f"{path} is missing or differs from what the progress record holds "
+                         "(was the folder modified?); remove the folder and start over")
+
+
 def _check_recorded_files(folder: Path, progress: Progress) -> None:
     """Every file the record names has its recorded bytes; files it does not name (those of
     the block in flight when the run died) are removed."""
@@ -170,9 +179,20 @@ def _check_recorded_files(folder: Path, progress: Progress) -> None:
     for name, digest in expected.items():
         path = folder / name
         if not path.is_file() or file_sha256(path) != digest:
-            raise ResumeRefused(f"{path} is missing or differs from what the progress record "
-                                "holds (was the folder modified?); remove the folder and start "
-                                "over")
+            raise _differs(path)
+    for shard, digests in progress.filling.items():
+        partial = folder / (shard + PARTIAL_SUFFIX)
+        if not partial.exists() and (folder / shard).is_file():
+            # killed between completing the shard and recording it: the block that completed
+            # it runs again and writes its tensors again, in place
+            (folder / shard).replace(partial)
+        try:
+            intact = partial.is_file() and first_differing_tensor(partial, digests) is None
+        except CheckpointFormatError:  # its header or size no longer checks out
+            intact = False
+        if not intact:
+            raise _differs(partial)
+        expected[shard + PARTIAL_SUFFIX] = None
     for path in sorted(folder.rglob("*"), reverse=True):
         relative = path.relative_to(folder).as_posix()
         if path.is_file() and relative not in expected and relative != MANIFEST_NAME:

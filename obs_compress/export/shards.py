@@ -14,10 +14,15 @@ whose weights are still on the meta device) and each file's bytes from its tenso
   ``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``).
 * Every tensor passes through :func:`tensors_for_file`, the one place where a tensor of the
   model becomes the tensors stored for it.
-* A shard is written (to ``<name>.tmp``, then renamed) as soon as every tensor of it has been
-  added. Tensors that arrive before their shard is complete wait in a staging file on disk
-  (``staging/part-<label>.safetensors``), so memory holds one block, not one shard; the
-  staging files are also what a resumed run picks up (:mod:`obs_compress.export.progress`).
+* A shard whose tensors all arrive in one :meth:`ShardWriter.add` (the in-memory path) is
+  written in one go (to ``<name>.tmp``, then renamed). A shard whose tensors arrive block by
+  block is filled in place: its header is known from the layout, so ``<name>.partial`` is
+  created at its full size and each tensor is written once, at its offset, and flushed to
+  disk; the file is renamed when its last tensor is in. Memory holds one block, not one
+  shard, and nothing is written twice. A compressed weight's stored size depends on its mask,
+  so a shard holding one is only known once all its tensors are: those tensors wait in a
+  staging file (``staging/part-<label>.safetensors``) until then. What is in place or staged
+  is what a resumed run picks up (:mod:`obs_compress.export.progress`).
 
 File format (https://github.com/huggingface/safetensors#format): 8 bytes little-endian
 header length, a JSON header (``__metadata__`` first, then the tensors in the order of their
@@ -46,6 +51,7 @@ from .formats import stored_names
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 STAGING_DIR = "staging"
+PARTIAL_SUFFIX = ".partial"  # a shard being filled in place
 FILE_METADATA = {"format": "pt"}  # what transformers writes into every shard
 
 _DTYPE_NAMES = {
@@ -94,6 +100,15 @@ def _header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, sizes
+
+
+def _data_offsets(sizes: list[tuple[str, int]]) -> dict[str, int]:
+    """Each tensor's offset in the data section, from :func:`_header`'s sizes."""
+    offsets, offset = {}, 0
+    for name, nbytes in sizes:
+        offsets[name] = offset
+        offset += nbytes
+    return offsets
 
 
 def write_safetensors(path: Path, shapes: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
@@ -201,17 +216,45 @@ def dtype_of(code: str) -> torch.dtype:
 def read_tensor(path: Path, name: str) -> torch.Tensor:
     """One tensor of a safetensors file, read into its own memory (no mapping: the pages of
     a memory-mapped file stay in the resident set while it is open, which while a shard is
-    assembled from its staging files would be the whole shard)."""
-    with path.open("rb") as handle:
+    assembled from its staging files would be the whole shard). The bytes go straight into
+    the tensor's storage (one copy; a block is hundreds of MB)."""
+    with path.open("rb", buffering=0) as handle:
         length = struct.unpack("<Q", handle.read(8))[0]
         entry = json.loads(handle.read(length))[name]
         start, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=dtype_of(entry["dtype"]))
+        if end == start:
+            return tensor
         handle.seek(8 + length + start)
-        data = bytearray(handle.read(end - start))
-    dtype = dtype_of(entry["dtype"])
-    if not data:
-        return torch.empty(entry["shape"], dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        filled = 0
+        while filled < end - start:
+            count = handle.readinto(view[filled:])
+            if not count:
+                raise CheckpointFormatError(f"{path.name}: tensor {name} ends past the end of "
+                                            "the file (truncated file)")
+            filled += count
+    return tensor
+
+
+def bytes_sha256(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def first_differing_tensor(path: Path, digests: Mapping[str, str]) -> str | None:
+    """The first of ``digests``' tensors whose bytes in the safetensors file ``path`` do not
+    hash to the recorded sha256 (or that the header does not name), or None when all do."""
+    header = read_header(path)
+    with path.open("rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        for name, digest in digests.items():
+            if name not in header:
+                return name
+            start, end = header[name]["data_offsets"]
+            handle.seek(8 + length + start)
+            if hashlib.sha256(handle.read(end - start)).hexdigest() != digest:
+                return name
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -294,9 +337,11 @@ class ShardWriter:
     """Write a :class:`CheckpointLayout`'s files into ``folder`` as their tensors arrive.
 
     :meth:`add` takes model tensors by their state-dict names; a shard whose tensors are all
-    in is written at once; the others' tensors wait in one staging file per call (named by
-    ``label``). ``staged``/``written`` say what is on disk (for the progress manifest);
-    ``restore`` takes them back after a crash. ``encodings``: stored weight name -> how a
+    in is written at once; a shard of tensors stored as they are is otherwise filled in
+    place (``<file>.partial``); a shard with a compressed weight keeps its tensors in one
+    staging file per call (named by ``label``) until it is complete. ``written``,
+    ``filling`` and ``staged`` say what is on disk (for the progress manifest); ``restore``
+    takes them back after a crash. ``encodings``: stored weight name -> how a
     compressed format encodes it (:func:`.encoding.plan_encodings`); the layout (which file
     holds which weight) stays the dense one, so it does not depend on the weights' values.
     """
@@ -321,6 +366,14 @@ class ShardWriter:
         self._staged_headers: dict[str, dict[str, dict]] = {}
         self.staged: dict[str, dict] = {}  # staging file -> {"names": [...], "sha256": ...}
         self.written: dict[str, str] = {}  # shard file -> sha256
+        # shard file being filled in place -> {stored name: sha256 of its bytes}, for the
+        # tensors flushed to ``<file>.partial``
+        self.filling: dict[str, dict[str, str]] = {}
+
+    def in_place(self, file: str) -> bool:
+        """Whether ``file`` can be filled in place: its header is known before its tensors
+        are, since none is a compressed weight (whose stored size depends on its mask)."""
+        return not any(weight in self.encodings for weight in self.layout.files[file])
 
     def _stored_names(self) -> dict[str, str]:
         """stored name -> staging file, for every staged tensor."""
@@ -339,13 +392,19 @@ class ShardWriter:
         staged = self._stored_names()
         ready_weights = {self._weight_of[n] for n in ready}
         staged_weights = {self._weight_of[n] for n in staged}
-        complete = [file for file, names in self.layout.files.items()
-                    if file not in self.written and any(n in ready_weights for n in names)
-                    and all(n in ready_weights or n in staged_weights for n in names)]
-        for file in complete:
-            self._write_shard(file, ready, staged)
+        for file, names in self.layout.files.items():
+            if file in self.written or not any(n in ready_weights for n in names):
+                continue
+            if all(n in ready_weights for n in names) and file not in self.filling:
+                self._write_shard(file, ready, staged)  # whole, in one go
+            elif self.in_place(file):
+                self._fill(file, {n: v for n, v in ready.items()
+                                  if self._file_of[self._weight_of[n]] == file})
+            elif all(n in ready_weights or n in staged_weights for n in names):
+                self._write_shard(file, ready, staged)
         leftover = {name: value for name, value in ready.items()
-                    if self._file_of[self._weight_of[name]] not in self.written}
+                    if self._file_of[self._weight_of[name]] not in self.written
+                    and self._file_of[self._weight_of[name]] not in self.filling}
         if leftover:
             (self.folder / STAGING_DIR).mkdir(exist_ok=True)
             part = f"{STAGING_DIR}/part-{label}.safetensors"
@@ -386,10 +445,43 @@ class ShardWriter:
                   for weight in self.layout.files[file] for name in self._parts_of[weight]}
         self.written[file] = write_safetensors(self.folder / file, shapes, fetch)
 
+    def _fill(self, file: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write ``tensors`` (stored names, all of ``file``) at their offsets in
+        ``<file>.partial``, created at its full size on first use, and flush them to disk
+        before recording them; rename the file once every tensor of it is in."""
+        names = self.layout.files[file]
+        header, sizes = _header(((n, *self.layout.shapes[n]) for n in names), FILE_METADATA)
+        offsets = _data_offsets(sizes)
+        path = self.folder / (file + PARTIAL_SUFFIX)
+        if file not in self.filling:
+            with path.open("wb") as handle:
+                handle.write(header)
+                handle.truncate(len(header) + sum(nbytes for _, nbytes in sizes))
+            self.filling[file] = {}
+        digests = {}
+        with path.open("r+b") as handle:
+            for name, value in tensors.items():
+                dtype, shape = self.layout.shapes[name]
+                if value.dtype != dtype or tuple(value.shape) != tuple(shape):
+                    raise InvalidArgument(f"tensor {name} is {value.dtype} {tuple(value.shape)};"
+                                          f" the layout of {file} expects {dtype} {tuple(shape)}")
+                data = tensor_bytes(value)
+                handle.seek(len(header) + offsets[name])
+                handle.write(data)
+                digests[name] = bytes_sha256(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.filling[file].update(digests)
+        if len(self.filling[file]) == len(names):
+            path.replace(self.folder / file)
+            del self.filling[file]
+            self.written[file] = file_sha256(self.folder / file)
+
     def missing(self) -> list[str]:
-        staged_weights = {self._weight_of[n] for n in self._stored_names()}
+        present = ({self._weight_of[n] for n in self._stored_names()}
+                   | {n for digests in self.filling.values() for n in digests})
         return [name for file, names in self.layout.files.items() if file not in self.written
-                for name in names if name not in staged_weights]
+                for name in names if name not in present]
 
     def index(self) -> dict:
         """``model.safetensors.index.json``: every stored tensor's file, from the written
@@ -415,9 +507,11 @@ class ShardWriter:
                 json.dumps(self.index(), indent=2, sort_keys=True) + "\n",
                 encoding="utf-8")
 
-    def restore(self, staged: Mapping[str, dict], written: Mapping[str, str]) -> None:
+    def restore(self, staged: Mapping[str, dict], written: Mapping[str, str],
+                filling: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self.staged = {part: dict(record) for part, record in staged.items()}
         self.written = dict(written)
+        self.filling = {file: dict(digests) for file, digests in (filling or {}).items()}
 
 
 def write_state_dict(folder: Path, model: nn.Module, max_shard_size: int,
@@ -448,6 +542,6 @@ def write_model_config(folder: Path, model: nn.Module) -> None:
         model.generation_config.save_pretrained(folder)
 
 
-__all__ = ["CheckpointLayout", "INDEX_NAME", "ShardWriter", "WEIGHTS_NAME", "checkpoint_layout",
-           "dtype_of", "file_sha256", "read_header", "read_tensor", "tensor_bytes", "tensors_for_file",
+__all__ = ["CheckpointLayout", "INDEX_NAME", "PARTIAL_SUFFIX", "ShardWriter", "WEIGHTS_NAME",
+           "bytes_sha256", "checkpoint_layout", "dtype_of", "first_differing_tensor", "file_sha256", "read_header", "read_tensor", "tensor_bytes", "tensors_for_file",
            "write_model_config", "write_safetensors", "write_state_dict"]
