@@ -95,25 +95,6 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD -3).
-_M_MMAP_THRESHOLD = -3
-# Allocations from this size up get their own mapping, returned to the OS when freed.
-STREAMING_MMAP_THRESHOLD = 4 << 20
-
-
-def fix_mmap_threshold() -> bool:
-    """Keep glibc's mmap threshold at :data:`STREAMING_MMAP_THRESHOLD` for this process.
-
-    By default glibc raises the threshold to the size of the largest block freed (up to 32
-    MB), so a block forward's activation temporaries (``batch x seq x hidden`` floats, 16 MB
-    at 1.5B) then come from the heap, which fragments and keeps them: 130-230 MiB more peak
-    resident memory on a 1.5B-shaped block (two runs each way), the time within noise.
-    Fixing the threshold also stops that raising (glibc has no way to turn it back on), for
-    the rest of the process. False where the C library has no ``mallopt``."""
-    mallopt = _glibc("mallopt")
-    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD))
-
-
 def _record_writer(record: Any, writer: ShardWriter) -> None:
     """What the writer has on disk, into the progress record (copies: the writer goes on)."""
     record.shards, record.staged = dict(writer.written), dict(writer.staged)
@@ -213,12 +194,9 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
     from .api import _check_vocabulary
 
     start = time.perf_counter()
-    if fix_mmap_threshold():
-        from . import THP_ALLOCATION
+    from . import THP_ALLOCATION
 
-        logger.info("malloc: allocations of %d MiB and more are mapped apart (returned to the "
-                    "OS when freed) for the rest of this process; huge pages for torch's "
-                    "allocations: %s", STREAMING_MMAP_THRESHOLD >> 20, THP_ALLOCATION)
+    logger.info("huge pages for torch's allocations of 2 MiB and more: %s", THP_ALLOCATION)
     if group is not None and resume:
         raise InvalidArgument(f"--resume continues a single-process run; this one has "
                               f"{group.world_size} processes, whose next-block inputs are "
