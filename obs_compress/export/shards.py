@@ -222,7 +222,8 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
         length = struct.unpack("<Q", handle.read(8))[0]
         entry = json.loads(handle.read(length))[name]
         start, end = entry["data_offsets"]
-        tensor = torch.empty(entry["shape"], dtype=dtype_of(entry["dtype"]))
+        # on the CPU whatever the default device (transformers loads under a meta one)
+        tensor = torch.empty(entry["shape"], dtype=dtype_of(entry["dtype"]), device="cpu")
         if end == start:
             return tensor
         handle.seek(8 + length + start)
