@@ -253,7 +253,7 @@ def first_differing_tensor(path: Path, digests: Mapping[str, str]) -> str | None
                 return name
             start, end = header[name]["data_offsets"]
             handle.seek(8 + length + start)
-            if hashlib.sha256(handle.read(end - start)).hexdigest() != digest:
+            if bytes_sha256(memoryview(handle.read(end - start))) != digest:
                 return name
     return None
 
@@ -449,7 +449,8 @@ class ShardWriter:
     def _fill(self, file: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Write ``tensors`` (stored names, all of ``file``) at their offsets in
         ``<file>.partial``, created at its full size on first use, and flush them to disk
-        before recording them; rename the file once every tensor of it is in."""
+        before recording them; rename the file once every tensor of it is in (its sha256 is
+        then read back, for the progress record)."""
         names = self.layout.files[file]
         header, sizes = _header(((n, *self.layout.shapes[n]) for n in names), FILE_METADATA)
         offsets = _data_offsets(sizes)
@@ -544,5 +545,6 @@ def write_model_config(folder: Path, model: nn.Module) -> None:
 
 
 __all__ = ["CheckpointLayout", "INDEX_NAME", "PARTIAL_SUFFIX", "ShardWriter", "WEIGHTS_NAME",
-           "bytes_sha256", "checkpoint_layout", "dtype_of", "first_differing_tensor", "file_sha256", "read_header", "read_tensor", "tensor_bytes", "tensors_for_file",
-           "write_model_config", "write_safetensors", "write_state_dict"]
+           "bytes_sha256", "checkpoint_layout", "dtype_of", "file_sha256",
+           "first_differing_tensor", "read_header", "read_tensor", "tensor_bytes",
+           "tensors_for_file", "write_model_config", "write_safetensors", "write_state_dict"]
