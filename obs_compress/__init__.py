@@ -4,12 +4,13 @@ import os as _os
 import sys as _sys
 
 # torch's CPU allocator backs allocations of 2 MiB and more with transparent huge pages when
-# THP_MEM_ALLOC_ENABLE is set as torch loads (it reads it once). With 4 KiB pages, the
-# first-touch page faults of a block's large temporaries cost a streaming 1.5B-shaped block
-# about 1-2 s of 8, and its heap fragmented by 130-230 MiB more peak memory; with huge pages
-# the faults fell from 0.9-5.5M to 0.3M a 2-block run (docs/benchmarks.md). Set here, before
-# torch is imported, unless the caller chose a value; a streaming run logs whether it took
-# effect.
+# THP_MEM_ALLOC_ENABLE is set as torch loads (it reads it once). With 4 KiB pages a streaming
+# 1.5B-shaped block either paid first-touch page faults for its large temporaries (glibc's
+# mmap threshold fixed at 4 MiB: 5.5M faults a 2-block run, block 10.0-10.3 s against 7.9-8.3)
+# or kept them in a fragmented heap (glibc's default threshold: the higher peak); with huge
+# pages and the default threshold, 0.32M faults (docs/benchmarks.md, 1.5B section). Set here,
+# before torch is imported, unless the caller chose a value; a streaming run logs whether it
+# took effect.
 THP_ALLOCATION = (f"THP_MEM_ALLOC_ENABLE={_os.environ['THP_MEM_ALLOC_ENABLE']} set by the caller"
                   if "THP_MEM_ALLOC_ENABLE" in _os.environ
                   else "off: torch was imported before obs_compress" if "torch" in _sys.modules

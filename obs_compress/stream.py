@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from . import THP_ALLOCATION
 from .distributed import ProcessGroup
 from .driver import prune_blocks
 from .errors import InvalidArgument
@@ -78,21 +79,15 @@ def streaming_refusal(folder: Path | None, recipe: Any, calibration: Any,
     return None
 
 
-def _glibc(function: str):
-    """The C library's ``function``, or None where it has none (musl, macOS)."""
-    try:
-        return getattr(ctypes.CDLL(None), function)
-    except (OSError, AttributeError):
-        return None
-
-
 def release_freed_memory() -> None:
     """Hand the heap the finished block freed back to the OS (glibc's ``malloc_trim``):
     freed heap below the mmap threshold is otherwise kept for reuse, so a streaming run's
-    resident set would grow by what one block's work fragmented. A no-op without it."""
-    trim = _glibc("malloc_trim")
-    if trim is not None:
-        trim(0)
+    resident set would grow by what one block's work fragmented. A no-op where the C library
+    has none (musl, macOS)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _record_writer(record: Any, writer: ShardWriter) -> None:
@@ -194,8 +189,6 @@ def prune_streaming(folder: Path, recipe: Any, out_dir: str | os.PathLike, *, ca
     from .api import _check_vocabulary
 
     start = time.perf_counter()
-    from . import THP_ALLOCATION
-
     logger.info("huge pages for torch's allocations of 2 MiB and more: %s", THP_ALLOCATION)
     if group is not None and resume:
         raise InvalidArgument(f"--resume continues a single-process run; this one has "

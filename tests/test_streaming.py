@@ -274,6 +274,14 @@ def kill_when_paused(command):
     return "".join(seen)
 
 
+def kill_paused_run(tmp_path, moment, count, args):
+    """The CLI run with ``args``, killed at the ``count``-th call of ``moment``'s function
+    (the pausing runner stays in ``tmp_path``)."""
+    runner = tmp_path / "pausing_cli.py"
+    runner.write_text(PAUSING_CLI, encoding="utf-8")
+    return kill_when_paused([sys.executable, str(runner), moment, str(count), *args])
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One uninterrupted streaming run of the tiny Llama (3 blocks)."""
@@ -294,10 +302,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, reference, moment, count
                                               capsys):
     source, calibration, expected = reference
     out = tmp_path / "out"
-    runner = tmp_path / "pausing_cli.py"
-    runner.write_text(PAUSING_CLI, encoding="utf-8")
-    kill_when_paused([sys.executable, str(runner), moment, str(count),
-                      *prune_args(source, out, calibration)])
+    kill_paused_run(tmp_path, moment, count, prune_args(source, out, calibration))
     assert not out.exists()  # nothing looks finished
     work = in_progress_folder(out)
     if moment == "calibration":  # killed before any block: nothing to keep yet
@@ -328,10 +333,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, reference, moment, count
 def test_resume_with_another_recipe_or_calibration_is_refused(tmp_path, reference, capsys):
     source, calibration, expected = reference
     out = tmp_path / "out"
-    runner = tmp_path / "pausing_cli.py"
-    runner.write_text(PAUSING_CLI, encoding="utf-8")
-    kill_when_paused([sys.executable, str(runner), "solve", "6",
-                      *prune_args(source, out, calibration)])
+    kill_paused_run(tmp_path, "solve", 6, prune_args(source, out, calibration))
     capsys.readouterr()
     assert main(prune_args(source, out, calibration, "--resume",
                            "--set", "sparsity=0.6")) == EXIT_ERROR
@@ -350,10 +352,7 @@ def test_resume_refuses_a_changed_tensor_in_a_shard_being_filled(tmp_path, refer
 
     source, calibration, expected = reference
     out = tmp_path / "out"
-    runner = tmp_path / "pausing_cli.py"
-    runner.write_text(PAUSING_CLI, encoding="utf-8")
-    kill_when_paused([sys.executable, str(runner), "solve", "6",
-                      *prune_args(source, out, calibration)])
+    kill_paused_run(tmp_path, "solve", 6, prune_args(source, out, calibration))
     work = in_progress_folder(out)
     filling = json.loads((work / MANIFEST_NAME).read_text())["filling"]
     shard, digests = next(iter(filling.items()))

@@ -370,6 +370,7 @@ class ShardWriter:
         # shard file being filled in place -> {stored name: sha256 of its bytes}, for the
         # tensors flushed to ``<file>.partial``
         self.filling: dict[str, dict[str, str]] = {}
+        self._in_place_headers: dict[str, tuple[bytes, dict[str, int], int]] = {}
 
     def in_place(self, file: str) -> bool:
         """Whether ``file`` can be filled in place: its header is known before its tensors
@@ -452,13 +453,16 @@ class ShardWriter:
         before recording them; rename the file once every tensor of it is in (its sha256 is
         then read back, for the progress record)."""
         names = self.layout.files[file]
-        header, sizes = _header(((n, *self.layout.shapes[n]) for n in names), FILE_METADATA)
-        offsets = _data_offsets(sizes)
+        if file not in self._in_place_headers:  # from the layout: the same on every call
+            header, sizes = _header(((n, *self.layout.shapes[n]) for n in names), FILE_METADATA)
+            self._in_place_headers[file] = (header, _data_offsets(sizes),
+                                            len(header) + sum(nbytes for _, nbytes in sizes))
+        header, offsets, file_bytes = self._in_place_headers[file]
         path = self.folder / (file + PARTIAL_SUFFIX)
         if file not in self.filling:
             with path.open("wb") as handle:
                 handle.write(header)
-                handle.truncate(len(header) + sum(nbytes for _, nbytes in sizes))
+                handle.truncate(file_bytes)
             self.filling[file] = {}
         digests = {}
         with path.open("r+b") as handle:
