@@ -15,9 +15,11 @@ and each quantity the run holds at its peak counted from the shapes. What the dr
   MLP's three products and the eager attention scores ``batch x heads x seq_len²`` (fp32);
 * Hessian accumulators: ``d_in²`` in fp32 per target layer of the block. Layers fed the same
   tensor (q/k/v, gate/up) share one in the run, so this counts an upper bound;
-* the solve of the largest layer: its prepared inverse and upper factor (``2 d_in²``), the
-  undamped ``H`` that measures the loss (``d_in²``), and the weight, its result and mask
-  (``3 d_out d_in``), in fp32;
+* the solve of the layer that needs most (:func:`obs_compress.algorithms.solve_bytes`, by its
+  method and refit): the float64 work matrix of the prepared curvature (``8 d_in²`` bytes)
+  with ``H^-1`` and ``U`` copied out, or those with the damped ``H``, the result and mask
+  and refit's conjugate-gradient work beside the solve, in fp32 (its ``H`` is counted with
+  the accumulators);
 * disk: the output (every tensor once, dense) and, streaming, the in-progress folder's stored
   block inputs (one activation tensor) for ``--resume``.
 
@@ -35,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .algorithms import solve_bytes
 from .errors import InvalidArgument, ModelLoadError
 from .model.blocks import find_block_stack
 from .plan import build_plan
@@ -260,18 +263,21 @@ def plan_memory(model: str | os.PathLike, recipe: Any, *, device: str = "cpu",
                                 * (3 * intermediate * element + heads * calibration.seq_len
                                    * FP32)))
         layers = [layer for block in plan.blocks[:1] for layer in block.layers]
-        largest = max((layer for block in plan.blocks for layer in block.layers),
-                      key=lambda layer: layer.layer.d_in ** 2 + layer.layer.shape[0]
-                      * layer.layer.d_in, default=None)
+        solves = [(solve_bytes(*layer.layer.shape, method=layer.settings.method,
+                               refit=layer.settings.refit), layer)
+                  for block in plan.blocks for layer in block.layers]
         per_block = max((sum(layer.layer.d_in ** 2 for layer in block.layers)
                          for block in plan.blocks), default=0) * FP32
         items.append(MemoryItem(f"Hessian accumulators of one block ({len(layers)} layers, "
                                 "fp32, upper bound)", compute, per_block))
-        if largest is not None:
+        if solves:
+            largest_bytes, largest = max(solves, key=lambda pair: pair[0])
             d_out, d_in = largest.layer.shape
-            items.append(MemoryItem(f"solving {largest.layer.name.split('.')[-1]} "
-                                    f"({d_out} x {d_in}): inverse, factor, H, weights",
-                                    compute, (3 * d_in * d_in + 3 * d_out * d_in) * FP32))
+            settings = largest.settings
+            items.append(MemoryItem(
+                f"solving {largest.layer.name.split('.')[-1]} ({d_out} x {d_in}, "
+                f"{settings.method}{', refit' if settings.refit else ''})", compute,
+                largest_bytes))
         notes.append(f"activations: {choice.describe()}; --activations device|cpu|disk "
                      "chooses (disk: a memory-mapped file in the work folder)")
     else:

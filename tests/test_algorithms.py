@@ -55,6 +55,19 @@ def test_refit_by_conjugate_gradient_matches_direct_solve():
     torch.testing.assert_close(direct, least_squares_kept(weight, x, mask), rtol=1e-7, atol=1e-7)
 
 
+def test_refit_by_conjugate_gradient_in_row_chunks_matches_direct_solve(monkeypatch):
+    from obs_compress.algorithms import refit
+    weight, x, hessian = layer_problem(4, d_out=13, d_in=48)
+    mask = prune_weight(weight, hessian, method="magnitude", sparsity=0.6).mask
+    direct = refit.refit_kept_weights(weight, mask, hessian, solver="direct")
+    monkeypatch.setattr(refit, "CG_CHUNK_ELEMENTS", 4 * 48)  # chunks of 4 rows, the last 1
+    chunked = refit.refit_kept_weights(weight, mask, hessian, solver="cg",
+                                       initial=weight.masked_fill(mask, 0),
+                                       hessian_inverse=torch.linalg.inv(hessian))
+    torch.testing.assert_close(chunked, direct, rtol=1e-7, atol=1e-7)
+    assert bool((chunked[mask] == 0).all())
+
+
 def test_refit_warm_start_reaches_the_same_optimum():
     from obs_compress.algorithms.refit import refit_kept_weights
     weight, x, hessian = layer_problem(4, d_in=48)
@@ -175,7 +188,7 @@ def test_error_ordering_on_correlated_inputs(seed, pattern, sparsity):
         result = prune_weight(weight, hessian, method=method, sparsity=sparsity, pattern=pattern,
                               block_size=32)
         errors[method] = reconstruction_error(result.weight, weight, x)
-    prepared = prepare_curvature(Curvature(hessian=hessian), 0.01)
+    prepared = prepare_curvature(Curvature(hessian=hessian), 0.01, upper_factor=True)
     one_shot, _, _ = sparsegpt(weight, prepared, sparsity=sparsity,
                                pattern=parse_pattern(pattern), block_size=32)
     errors["sparsegpt"] = reconstruction_error(one_shot, weight, x)

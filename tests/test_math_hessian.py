@@ -80,13 +80,56 @@ def test_dead_inputs_are_marked(inputs):
 
 def test_dampening_and_upper_factor(inputs):
     hessian = 2 * inputs.T @ inputs / 300
-    prepared = prepare_curvature(Curvature(hessian=hessian), 0.05, dtype=torch.float64)
+    prepared = prepare_curvature(Curvature(hessian=hessian), 0.05, dtype=torch.float64,
+                                 upper_factor=True)
     damped = hessian + 0.05 * torch.diagonal(hessian).mean() * torch.eye(20, dtype=torch.float64)
     torch.testing.assert_close(prepared.hessian, damped)
     torch.testing.assert_close(prepared.hessian_inverse, torch.linalg.inv(damped))
     upper = prepared.upper_factor
     assert torch.equal(upper, torch.triu(upper))
     torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped))
+
+
+def _textbook_preparation(hessian, fraction, dtype):
+    """The preparation spelled out with separate float64 matrices (the in-place one's
+    independent reference)."""
+    h = hessian.double().clone()
+    diagonal = torch.diagonal(h).clone()
+    dead = diagonal == 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    h.diagonal()[dead] = diagonal.mean()
+    h.diagonal().add_(fraction * diagonal.mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return h.to(dtype), inverse.to(dtype), torch.linalg.cholesky(inverse, upper=True).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("singular", [False, True])
+def test_in_place_preparation_equals_the_textbook_one_bit_for_bit(dtype, singular):
+    g = torch.Generator().manual_seed(3)
+    x = correlated_inputs(20 if singular else 400, 37, generator=g).to(dtype)
+    x[:, 5] = 0  # a dead input
+    hessian = 2 * x.T @ x / x.shape[0]
+    before = hessian.clone()
+    # Rank 20 < 37 and no damping: the first fraction fails when singular, a raise follows.
+    fraction = 0.0 if singular else 0.01
+    prepared = prepare_curvature(Curvature(hessian=hessian, name="blk.mlp.down_proj"),
+                                 fraction, dtype=dtype, upper_factor=True)
+    assert (prepared.dampening_frac > fraction) == singular
+    damped, inverse, upper = _textbook_preparation(hessian, prepared.dampening_frac, dtype)
+    for got, want in ((prepared.hessian, damped), (prepared.hessian_inverse, inverse),
+                      (prepared.upper_factor, upper)):
+        assert got.dtype == dtype and got.is_contiguous()
+        assert got.numpy().tobytes() == want.numpy().tobytes()
+    assert hessian.numpy().tobytes() == before.numpy().tobytes()  # the caller's H untouched
+
+
+def test_upper_factor_is_refused_when_not_prepared(inputs):
+    hessian = 2 * inputs.T @ inputs / 300
+    prepared = prepare_curvature(Curvature(hessian=hessian, name="blk.3.mlp.up_proj"), 0.01)
+    with pytest.raises(InvalidArgument, match="blk.3.mlp.up_proj.*upper_factor=True"):
+        prepared.upper_factor
 
 
 def test_singular_hessian_raises_dampening_step_by_step(caplog):

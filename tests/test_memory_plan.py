@@ -57,6 +57,12 @@ def test_plan_counts_match_the_shapes(tmp_path):
     # q, k, v, o, gate, up read the hidden states, down the intermediate ones; fp32.
     assert items["Hessian accumulators of one block"] == (6 * hidden**2 + intermediate**2) * 4
     assert items["the output checkpoint"] == plan.parameters * 4
+    # down_proj (64 x 128) with obs_blockwise: the float64 work matrix with H^-1 and U copied
+    # out (fp32) is the peak; refit is direct at this width, so it adds no work matrices.
+    assert items["solving down_proj"] == 8 * intermediate**2 + 2 * 4 * intermediate**2
+    obd = plan_memory(folder, recipe.with_updates(["method=obd", "refit=false"]), device="cpu")
+    solving = [item for item in obd.items if item.what.startswith("solving")]
+    assert [item.bytes for item in solving] == [intermediate * hidden * (4 + 1)]  # result, mask
     assert plan.peak_cpu_bytes == sum(i.bytes for i in plan.items if i.where == "cpu")
     in_memory = plan_memory(folder, recipe, device="cpu", streaming=False)
     assert in_memory.peak_cpu_bytes > plan.peak_cpu_bytes  # the whole model against one block

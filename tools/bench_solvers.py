@@ -97,7 +97,7 @@ def run_layer(name, weight, curvature, args):
         result, seconds = timed(lambda: prune_weight(weight, curvature, method="obd",
                                                      sparsity=sparsity, pattern=pattern))
         add("obd", result.weight, seconds)
-        prepared = prepare_curvature(curvature, 0.01)
+        prepared = prepare_curvature(curvature, 0.01, upper_factor=True)
         (one_shot, _, _), seconds = timed(lambda: sparsegpt(
             weight, prepared, sparsity=sparsity, pattern=parse_pattern(pattern), block_size=128))
         add("sparsegpt-style (B=128)", one_shot, seconds)

@@ -16,11 +16,12 @@ from obs_compress_kernels import BACKENDS
 
 from ..errors import InvalidArgument, NonFiniteError
 from ..math.hessian import Curvature
-from ..math.inverse import prepare_curvature
+from ..math.inverse import prepare_curvature, preparation_bytes
 from ..math.masks import ALLOCATIONS, check_pattern_fits, check_sparsity, parse_pattern
 from .mask_only import magnitude, obd
 from .obs import obs_blockwise, obs_exact
-from .refit import refit_kept_weights, row_losses
+from .refit import (CG_CHUNK_ELEMENTS, CG_WORK_MATRICES, DIRECT_MAX_WIDTH, refit_kept_weights,
+                    row_losses)
 
 METHODS = ("magnitude", "obd", "obs_exact", "obs_blockwise")
 
@@ -145,12 +146,15 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
         curvature is not None and curvature.hessian is None)
     prepared = None
     if needs_inverse:
-        key = (dampening_frac, max_dampening_frac, dtype)
+        # Only the blockwise solver walks U; the others skip its factorization and memory.
+        upper_factor = method == "obs_blockwise"
+        key = (dampening_frac, max_dampening_frac, dtype, upper_factor)
         if prepared_cache is not None and key in prepared_cache:
             prepared = prepared_cache[key]
         else:
             prepared = prepare_curvature(curvature, dampening_frac,
-                                         max_dampening_frac=max_dampening_frac, dtype=dtype)
+                                         max_dampening_frac=max_dampening_frac, dtype=dtype,
+                                         upper_factor=upper_factor)
             if prepared_cache is not None:
                 prepared_cache[key] = prepared
     # The loss of a finished weight is measured with the raw H (exact on the calibration
@@ -205,4 +209,22 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
                        loss_measured=measured)
 
 
-__all__ = ["METHODS", "PruneResult", "prune_weight"]
+def solve_bytes(d_out: int, d_in: int, *, method: str, refit: bool,
+                element_size: int = 4) -> int:
+    """Peak bytes :func:`prune_weight` holds for a ``(d_out, d_in)`` layer beyond the caller's
+    weight and ``H`` (the memory plan's figure): the result and mask; for the second-order
+    methods and refit the prepared curvature (:func:`preparation_bytes`, the larger of its
+    peak and what it holds beside the solve); for refit by conjugate gradient its work matrices
+    and result. ``element_size``: the working dtype's (fp32 unless the inputs are float64)."""
+    weights = d_out * d_in * element_size + d_out * d_in  # result and bool mask
+    if method not in ("obs_exact", "obs_blockwise") and not refit:
+        return weights
+    peak, held = preparation_bytes(d_in, element_size, upper_factor=method == "obs_blockwise")
+    solving = held + weights
+    if refit and d_in > DIRECT_MAX_WIDTH:
+        solving += (CG_WORK_MATRICES * min(d_out * d_in, CG_CHUNK_ELEMENTS)
+                    + d_out * d_in) * element_size
+    return max(peak, solving)
+
+
+__all__ = ["METHODS", "PruneResult", "prune_weight", "solve_bytes"]
