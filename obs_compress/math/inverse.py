@@ -162,23 +162,26 @@ def _row_major_copy(work: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(work.shape, dtype=dtype, device=work.device).copy_(work)
 
 
+def _upper_factor_in_place(work: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``U`` (upper, ``H^-1 = U^T U``) in ``dtype``, from ``work`` holding ``H^-1`` in
+    float64, column-major; ``work`` is overwritten by the factorization."""
+    info = torch.empty((), dtype=torch.int32, device=work.device)
+    torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+    if info.item() != 0:
+        raise HessianNotPositiveDefinite(
+            f"layer {name or '?'}: the inverse Hessian is not positive definite (minor "
+            f"{info.item()} of its Cholesky factorization); raise dampening_frac or give "
+            "more calibration samples")
+    return _row_major_copy(work, dtype)
+
+
 def _inverse_and_factor(work: torch.Tensor, dtype: torch.dtype, upper_factor: bool, name: str):
     """From ``work`` holding the lower Cholesky factor ``L`` of ``H`` (float64), in place:
     ``H^-1`` in ``dtype``, and its upper factor ``U`` (``H^-1 = U^T U``) when asked.
     ``work`` is overwritten; the float64 work needs no matrix beside it."""
     torch.cholesky_inverse(work, out=work)
     inverse = _row_major_copy(work, dtype)
-    factor = None
-    if upper_factor:
-        info = torch.empty((), dtype=torch.int32, device=work.device)
-        torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
-        if info.item() != 0:
-            raise HessianNotPositiveDefinite(
-                f"layer {name or '?'}: the inverse Hessian is not positive definite (minor "
-                f"{info.item()} of its Cholesky factorization); raise dampening_frac or give "
-                "more calibration samples")
-        factor = _row_major_copy(work, dtype)
-    return inverse, factor
+    return inverse, _upper_factor_in_place(work, dtype, name) if upper_factor else None
 
 
 def preparation_bytes(d_in: int, element_size: int, upper_factor: bool) -> tuple[int, int]:
@@ -222,14 +225,8 @@ def prepare_curvature(curvature, dampening_frac: float, *, max_dampening_frac: f
         factor = None
         if upper_factor:
             work = torch.empty(inverse.shape, dtype=torch.float64, device=inverse.device).mT
-            work.copy_(inverse)  # column-major: factorized in place (see below)
-            info = torch.empty((), dtype=torch.int32, device=work.device)
-            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
-            if info.item() != 0:
-                raise HessianNotPositiveDefinite(
-                    f"layer {name or '?'}: the inverse Hessian is not positive definite (minor "
-                    f"{info.item()}); raise dampening_frac or give more calibration samples")
-            factor = _row_major_copy(work, dtype)
+            work.copy_(inverse)  # column-major, so that it is factorized truly in place
+            factor = _upper_factor_in_place(work, dtype, name)
             del work
         return PreparedCurvature(hessian=hessian, hessian_inverse=inverse.to(dtype),
                                  dead_inputs=dead.to(inverse.device), dampening_frac=float("nan"),
