@@ -286,3 +286,18 @@ def test_quick_run_end_to_end(tmp_path):
     assert json.loads(out.read_text())["results"] == data["results"]
     assert seconds < budget, (f"--quick took {seconds:.0f} s, over the {budget:.0f} s budget "
                               f"(load average {os.getloadavg()[0]:.1f})")
+
+
+def test_structured_benchmark_table_names_the_commit_it_ran_at():
+    import bench_structured  # tools/, on the path through conftest.py
+
+    meta = {"model_name": "SmolLM2-135M-Instruct", "started": "2026-12-07 13:15:27",
+            "machine": {"cpu": "AMD EPYC", "cores_usable": 2},
+            "versions": {"obs_compress_git": "06cd2f7"}}
+    row = {"variant": "mlp30-obs", "wikitext2_ppl": 42.89, "c4_ppl": 47.56,
+           "parameters": 110_616_768, "file_bytes": 442_497_448, "prune_seconds": 313.6,
+           "recipe": {"structured": {"score": "obs", "shots": 1},
+                      "curvature": {"kind": "hessian"}}}
+    table = bench_structured.markdown(meta, [row])
+    assert "2 cores; commit 06cd2f7; started 2026-12-07 13:15:27" in table
+    assert "| mlp30-obs | obs (hessian) | 1 | 42.89 | 47.56 | 110,616,768 | 442.5 |" in table

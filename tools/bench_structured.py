@@ -108,7 +108,8 @@ def speeds(models: dict, args, vocab: int) -> dict[str, float]:
 def markdown(meta: dict, rows: list[dict]) -> str:
     dense = next((row for row in rows if row["variant"] == "dense"), None)
     lines = [f"Structured removal on {meta['model_name']} ({meta['machine']['cpu']}, "
-             f"{meta['machine']['cores_usable']} cores; commit {meta['versions'].get('git_commit')}; "
+             f"{meta['machine']['cores_usable']} cores; "
+             f"commit {meta['versions'].get('obs_compress_git')}; "
              f"started {meta['started']}). Perplexity by the shared protocol.", "",
              "| variant | score | shots | WikiText-2 | C4 | parameters | file MB | "
              "prefill tok/s (x dense) | decode tok/s (x dense) | prune s |",
