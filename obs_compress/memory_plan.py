@@ -17,9 +17,9 @@ and each quantity the run holds at its peak counted from the shapes. What the dr
   tensor (q/k/v, gate/up) share one in the run, so this counts an upper bound;
 * the solve of the layer that needs most (:func:`obs_compress.algorithms.solve_bytes`, by its
   method and refit): the float64 work matrix of the prepared curvature (``8 d_in²`` bytes)
-  with ``H^-1`` and ``U`` copied out, or those with the damped ``H``, the result and mask
-  and refit's conjugate-gradient work beside the solve, in fp32 (its ``H`` is counted with
-  the accumulators);
+  with ``H^-1`` and ``U`` copied out, or those with the damped ``H``, the result and mask,
+  the greedy OBS work and refit's conjugate-gradient work beside the solve, in fp32 (its
+  ``H`` is counted with the accumulators);
 * disk: the output (every tensor once, dense) and, streaming, the in-progress folder's stored
   block inputs (one activation tensor) for ``--resume``.
 
@@ -264,7 +264,8 @@ def plan_memory(model: str | os.PathLike, recipe: Any, *, device: str = "cpu",
                                    * FP32)))
         layers = [layer for block in plan.blocks[:1] for layer in block.layers]
         solves = [(solve_bytes(*layer.layer.shape, method=layer.settings.method,
-                               refit=layer.settings.refit), layer)
+                               refit=layer.settings.refit,
+                               block_size=layer.settings.block_size), layer)
                   for block in plan.blocks for layer in block.layers]
         per_block = max((sum(layer.layer.d_in ** 2 for layer in block.layers)
                          for block in plan.blocks), default=0) * FP32

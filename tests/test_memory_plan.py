@@ -7,6 +7,7 @@ import json
 import pytest
 
 from _tiny_models import folder_digest, tiny_config
+from obs_compress.algorithms import solve_bytes
 from obs_compress.cli import EXIT_ERROR, main
 from obs_compress.memory_plan import plan_memory
 from obs_compress.recipe import load_recipe
@@ -57,9 +58,19 @@ def test_plan_counts_match_the_shapes(tmp_path):
     # q, k, v, o, gate, up read the hidden states, down the intermediate ones; fp32.
     assert items["Hessian accumulators of one block"] == (6 * hidden**2 + intermediate**2) * 4
     assert items["the output checkpoint"] == plan.parameters * 4
-    # down_proj (64 x 128) with obs_blockwise: the float64 work matrix with H^-1 and U copied
-    # out (fp32) is the peak; refit is direct at this width, so it adds no work matrices.
-    assert items["solving down_proj"] == 8 * intermediate**2 + 2 * 4 * intermediate**2
+    # The largest solve is gate_proj's (128 x 64, obs_blockwise at B = 32), by its greedy
+    # work, which grows with the rows: the trace (128 * 32 * 12 bytes), the private inverses
+    # (128 * 32² fp32) and remove_set's five 128 x 32 x 32 arrays (fp32); beside it H^-1, U
+    # and the damped H (3 * 4 * 64²) and the result and mask (128 * 64 * 5). The float64
+    # work matrix's peak (8 * 64² + 2 * 4 * 64²) is smaller. Refit is direct at this width.
+    greedy = 128 * 32 * 12 + 128 * 32**2 * 4 + 5 * 128 * 32**2 * 4
+    assert items["solving gate_proj"] == max(8 * hidden**2 + 2 * 4 * hidden**2,
+                                             3 * 4 * hidden**2 + 128 * 64 * 5 + greedy)
+    # down_proj (64 x 128), the same way: 64 rows of greedy work at B = 32.
+    greedy = 64 * 32 * 12 + 64 * 32**2 * 4 + 5 * 64 * 32**2 * 4
+    assert solve_bytes(64, 128, method="obs_blockwise", refit=True, block_size=32) == max(
+        8 * intermediate**2 + 2 * 4 * intermediate**2,
+        3 * 4 * intermediate**2 + 64 * 128 * 5 + greedy)
     obd = plan_memory(folder, recipe.with_updates(["method=obd", "refit=false"]), device="cpu")
     solving = [item for item in obd.items if item.what.startswith("solving")]
     assert [item.bytes for item in solving] == [intermediate * hidden * (4 + 1)]  # result, mask

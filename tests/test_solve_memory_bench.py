@@ -14,5 +14,5 @@ def test_tiny_run_writes_each_phase_and_the_planned_figure(tmp_path):
     figures = json.loads(out.read_text(encoding="utf-8"))
     assert [phase["phase"] for phase in figures["phases"]] == ["prepare", "solve", "refit"]
     assert figures["planned_mib"] == round(
-        solve_bytes(24, 320, method="obs_blockwise", refit=True) / 2**20)
+        solve_bytes(24, 320, method="obs_blockwise", refit=True, block_size=32) / 2**20)
     assert figures["measured_peak_mib"] >= 0 and figures["shape"] == [24, 320]

@@ -2,14 +2,15 @@
 
 A random correlated Hessian of a ``d_out x d_in`` layer (default: a 1.5B Llama's 2048 x 8192
 ``down_proj``) is built first; then the three phases of ``prune_weight`` run one after the
-other, each measured as the rise of the process's high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs``) above what the process held before it:
+other, each measured as the rise of the process's resident memory above what it held before
+(``bench_quality.PeakRss``: the high-water mark ``VmHWM``, reset through
+``/proc/self/clear_refs``, or ``VmRSS`` sampled where the reset is refused):
 
 * prepare: ``prepare_curvature`` (damped ``H``, ``H^-1`` and, for obs_blockwise, ``U``);
 * solve: the method's mask and compensation;
 * refit: the kept weights re-solved (when ``--refit``).
 
-Speed does not depend on training, so random inputs serve; the figures need Linux's /proc.
+Memory does not depend on training, so random inputs serve; the figures need Linux's /proc.
 
     python tools/bench_solve_memory.py                       # obs_blockwise + refit, ~2.5 min
     python tools/bench_solve_memory.py --d-in 2048 --no-refit
@@ -18,10 +19,7 @@ Speed does not depend on training, so random inputs serve; the figures need Linu
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench_quality import (PeakRss, current_rss_mib, machine_info,  # noqa: E402
+                           release_memory, versions)
 from obs_compress.algorithms import solve_bytes  # noqa: E402
 from obs_compress.algorithms.obs import obs_blockwise, obs_exact  # noqa: E402
 from obs_compress.algorithms.refit import refit_kept_weights  # noqa: E402
@@ -41,27 +41,17 @@ from obs_compress.math.masks import parse_pattern  # noqa: E402
 MIB = 1024 ** 2
 
 
-def _status_mib(key: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        line = next(line for line in status if line.startswith(key + ":"))
-    return int(line.split()[1]) // 1024
-
-
-def _reset_high_water_mark() -> int:
-    """Resets VmHWM to the current RSS and returns that RSS in MiB."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
-        refs.write("5")
-    return _status_mib("VmRSS")
-
-
 def _phase(name: str, run, results: list):
-    base = _reset_high_water_mark()
+    """Runs ``run()`` and appends its peak and what it leaves held, in MiB above the RSS
+    before it; returns what ``run`` returned."""
+    release_memory()
     start = time.perf_counter()
-    value = run()
+    with PeakRss() as peak:
+        value = run()
     seconds = time.perf_counter() - start
-    results.append({"phase": name, "peak_mib": _status_mib("VmHWM") - base,
-                    "held_after_mib": _status_mib("VmRSS") - base, "seconds": round(seconds, 1)})
+    results.append({"phase": name, "peak_mib": round(peak.peak_mib - peak.before_mib),
+                    "held_after_mib": round(current_rss_mib() - peak.before_mib),
+                    "seconds": round(seconds, 1), "memory_method": peak.method})
     print(f"{name:8s} peak +{results[-1]['peak_mib']:5d} MiB, held after "
           f"+{results[-1]['held_after_mib']:5d} MiB, {seconds:6.1f} s", flush=True)
     return value
@@ -107,17 +97,15 @@ def main(argv=None) -> int:
     held = results[0]["held_after_mib"]
     measured = max(results[0]["peak_mib"],
                    held + sum(r["held_after_mib"] for r in results[1:-1]) + results[-1]["peak_mib"])
-    planned = solve_bytes(args.d_out, args.d_in, method=args.method, refit=args.refit) / MIB
+    planned = solve_bytes(args.d_out, args.d_in, method=args.method, refit=args.refit,
+                          block_size=args.block_size) / MIB
     print(f"whole solve: peak +{measured} MiB measured, {planned:.0f} MiB in the dry-run plan")
     if args.out:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
         args.out.write_text(json.dumps({
             "shape": [args.d_out, args.d_in], "tokens": args.tokens, "method": args.method,
             "refit": args.refit, "phases": results, "measured_peak_mib": measured,
-            "planned_mib": round(planned), "commit": commit, "machine": platform.processor()
-            or platform.machine(), "torch": torch.__version__}, indent=2) + "\n",
-            encoding="utf-8")
+            "planned_mib": round(planned), "machine": machine_info(), "versions": versions()},
+            indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -19,7 +19,7 @@ from ..math.hessian import Curvature
 from ..math.inverse import prepare_curvature, preparation_bytes
 from ..math.masks import ALLOCATIONS, check_pattern_fits, check_sparsity, parse_pattern
 from .mask_only import magnitude, obd
-from .obs import obs_blockwise, obs_exact
+from .obs import greedy_work_bytes, obs_blockwise, obs_exact
 from .refit import (CG_CHUNK_ELEMENTS, CG_WORK_MATRICES, DIRECT_MAX_WIDTH, refit_kept_weights,
                     row_losses)
 
@@ -209,18 +209,24 @@ def prune_weight(weight: torch.Tensor, hessian: torch.Tensor | Curvature | None,
                        loss_measured=measured)
 
 
-def solve_bytes(d_out: int, d_in: int, *, method: str, refit: bool,
+def solve_bytes(d_out: int, d_in: int, *, method: str, refit: bool, block_size: int = 128,
                 element_size: int = 4) -> int:
     """Peak bytes :func:`prune_weight` holds for a ``(d_out, d_in)`` layer beyond the caller's
     weight and ``H`` (the memory plan's figure): the result and mask; for the second-order
     methods and refit the prepared curvature (:func:`preparation_bytes`, the larger of its
-    peak and what it holds beside the solve); for refit by conjugate gradient its work matrices
-    and result. ``element_size``: the working dtype's (fp32 unless the inputs are float64)."""
+    peak and what it holds beside the solve); for the OBS methods the greedy solve's work
+    (:func:`~obs_compress.algorithms.obs.greedy_work_bytes` over the whole row for obs_exact,
+    over ``block_size`` columns for obs_blockwise); for refit by conjugate gradient its work
+    matrices and result. ``element_size``: the working dtype's (fp32 unless the inputs are
+    float64)."""
     weights = d_out * d_in * element_size + d_out * d_in  # result and bool mask
     if method not in ("obs_exact", "obs_blockwise") and not refit:
         return weights
     peak, held = preparation_bytes(d_in, element_size, upper_factor=method == "obs_blockwise")
     solving = held + weights
+    if method in ("obs_exact", "obs_blockwise"):
+        width = d_in if method == "obs_exact" else min(block_size, d_in)
+        solving += greedy_work_bytes(d_out, width, element_size)
     if refit and d_in > DIRECT_MAX_WIDTH:
         solving += (CG_WORK_MATRICES * min(d_out * d_in, CG_CHUNK_ELEMENTS)
                     + d_out * d_in) * element_size

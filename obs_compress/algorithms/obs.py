@@ -32,6 +32,7 @@ import torch
 
 from obs_compress_kernels import greedy_obs
 from obs_compress_kernels._backend import resolve_backend
+from obs_compress_kernels.greedy_obs import TORCH_CHUNK_ELEMENTS
 
 from ..math.inverse import PreparedCurvature
 from ..math.masks import Pattern, allocate_by_increments, split_count
@@ -46,6 +47,27 @@ SOLVE_CHUNK_ELEMENTS = 1 << 24
 # count from there: the same result as remove_set's batched solve, without it (remove_set
 # was a quarter of obs_blockwise's CPU time at B = 32).
 STEP_WEIGHTS_ELEMENTS = 1 << 26
+
+
+# (chunk, B, B) arrays remove_set holds at once: the mask product, the masked system, the
+# identity part, their sum and its factor.
+REMOVE_SET_ARRAYS = 5
+
+
+def greedy_work_bytes(rows: int, width: int, element_size: int = 4) -> int:
+    """Upper bound on the bytes :func:`_greedy_block` holds for a ``(rows, width)`` block
+    beyond its input and result (the memory plan's figure): the greedy trace's order (int64)
+    and step losses for up to ``width`` steps a row, the torch path's private inverses
+    (``TORCH_CHUNK_ELEMENTS``, at least one row's ``B x B``), and the larger of the two ways
+    to the weights at each row's count: the kept step weights (when they fit in
+    ``STEP_WEIGHTS_ELEMENTS``) or :func:`remove_set`'s batched systems."""
+    square = width * width
+    trace = rows * width * (8 + element_size)
+    inverses = min(rows * square, max(square, TORCH_CHUNK_ELEMENTS)) * element_size
+    step_weights = rows * (width + 1) * width
+    kept = step_weights if step_weights <= STEP_WEIGHTS_ELEMENTS else 0
+    systems = REMOVE_SET_ARRAYS * min(rows * square, max(square, SOLVE_CHUNK_ELEMENTS))
+    return trace + inverses + max(kept, systems) * element_size
 
 
 def _prefix_mask(order: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:

@@ -84,12 +84,9 @@ def _refit_direct(weight, mask, hessian):
 def _refit_conjugate_gradient(weight, mask, hessian, tolerance, max_iterations, initial=None,
                               hessian_inverse=None):
     # Rows are independent systems: a chunk of rows at a time (CG_CHUNK_ELEMENTS) bounds
-    # the (rows, d_in) work matrices (0.6 GB for an 8192-wide down_proj of 2048 rows at
-    # once) and leaves each row's answer to the same tolerance.
+    # the (rows, d_in) work matrices (by count, about 9 x 64 MiB for a 2048 x 8192 fp32
+    # down_proj at once) and leaves each row's answer to the same tolerance.
     rows = max(1, CG_CHUNK_ELEMENTS // max(1, weight.shape[1]))
-    if weight.shape[0] <= rows:
-        return _conjugate_gradient_rows(weight, mask, hessian, tolerance, max_iterations,
-                                        initial, hessian_inverse)
     result = torch.empty_like(weight)
     for start in range(0, weight.shape[0], rows):
         part = slice(start, start + rows)

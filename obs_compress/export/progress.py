@@ -5,15 +5,15 @@ run finds it; the clean-up of dead runs' ``.partial-`` folders never touches it)
 block it records in ``progress.json`` what is on disk: the shard files written (each with its
 sha256), the tensors already in place in the shards being filled (``<shard>.partial``, each
 tensor's sha256) and the staging files holding a compressed shard's tensors until it is
-complete (each with its sha256), the hidden states entering the next block (``inputs-<block>.safetensors``), the per-layer statistics so
-far, and the run's identity (tool version, model, recipe, calibration digest and the settings
-that change the bytes). The manifest is replaced atomically (written beside, flushed,
-renamed), after the files it names are on disk, so a SIGKILL at any moment leaves either the
-previous record or the new one, and at most the block in flight is lost. Files the record
-does not name (the block in flight's) are deleted on resume; files and tensors it names are
-checked against their sha256 first (a tensor of the block in flight half-written into a
-``.partial`` file is not named, and is written again). The folder only becomes ``out`` by a
-rename once complete.
+complete (each with its sha256), the hidden states entering the next block
+(``inputs-<block>.safetensors``), the per-layer statistics so far, and the run's identity
+(tool version, model, recipe, calibration digest and the settings that change the bytes).
+The manifest is replaced atomically (written beside, flushed, renamed), after the files it
+names are on disk, so a SIGKILL at any moment leaves either the previous record or the new one,
+and at most the block in flight is lost. Files the record does not name (the block in flight's)
+are deleted on resume; files and tensors it names are checked against their sha256 first (a
+tensor of the block in flight half-written into a ``.partial`` file is not named, and is
+written again). The folder only becomes ``out`` by a rename once complete.
 """
 
 from __future__ import annotations

@@ -175,15 +175,6 @@ def _upper_factor_in_place(work: torch.Tensor, dtype: torch.dtype, name: str) ->
     return _row_major_copy(work, dtype)
 
 
-def _inverse_and_factor(work: torch.Tensor, dtype: torch.dtype, upper_factor: bool, name: str):
-    """From ``work`` holding the lower Cholesky factor ``L`` of ``H`` (float64), in place:
-    ``H^-1`` in ``dtype``, and its upper factor ``U`` (``H^-1 = U^T U``) when asked.
-    ``work`` is overwritten; the float64 work needs no matrix beside it."""
-    torch.cholesky_inverse(work, out=work)
-    inverse = _row_major_copy(work, dtype)
-    return inverse, _upper_factor_in_place(work, dtype, name) if upper_factor else None
-
-
 def preparation_bytes(d_in: int, element_size: int, upper_factor: bool) -> tuple[int, int]:
     """``(peak, held)`` bytes of :func:`prepare_curvature` for a ``d_in``-wide ``H`` with
     results of ``element_size`` bytes, beside the caller's ``H``: at the peak the float64 work
@@ -209,9 +200,10 @@ def prepare_curvature(curvature, dampening_frac: float, *, max_dampening_frac: f
 
     Memory beside the caller's ``H``: one float64 ``(d_in, d_in)`` work matrix, factorized and
     inverted in place, with ``H^-1`` and ``U`` copied out of it in ``dtype``; the damped ``H``
-    is filled once the work matrix is freed (:func:`preparation_bytes`). For an
-    8192-wide ``down_proj`` in fp32: 1.0 GiB at the peak, where separate float64 copies took
-    2.5 GiB more.
+    is filled once the work matrix is freed (:func:`preparation_bytes`). For a 2048 x 8192
+    ``down_proj`` in fp32 the preparation peaked 1,060 MiB above the caller's ``H``, and the
+    whole obs_blockwise solve with refit 1,107 MiB, where separate float64 copies had taken
+    the solve to 3,107 MiB (``tools/bench_solve_memory.py``, docs/benchmarks.md).
     """
     fractions = dampening_fractions(dampening_frac, max_dampening_frac)
     name = curvature.name
@@ -260,7 +252,9 @@ def prepare_curvature(curvature, dampening_frac: float, *, max_dampening_frac: f
             if attempt > 0:
                 logger.warning("layer %s: Hessian not positive definite with dampening_frac=%g; "
                                "succeeded with %g", name or "?", dampening_frac, fraction)
-            inverse, factor = _inverse_and_factor(work, dtype, upper_factor, name)
+            torch.cholesky_inverse(work, out=work)
+            inverse = _row_major_copy(work, dtype)
+            factor = _upper_factor_in_place(work, dtype, name) if upper_factor else None
             del work  # before the damped copy, so that the two never coexist
             damped = _fill_damped(torch.empty(hessian.shape, dtype=dtype, device=hessian.device),
                                   hessian, dead, dead_diagonal, damping)
