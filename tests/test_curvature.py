@@ -191,6 +191,23 @@ def test_row_weights_move_the_layer_allocation_toward_heavy_rows(method):
     assert abs(int(plain[:6].sum()) - int(plain[6:].sum())) <= 6  # without: about even
 
 
+@pytest.mark.parametrize("method", ["obd", "obs_exact", "obs_blockwise"])
+@pytest.mark.parametrize("pattern, allocation", [("2:4", "layer"), ("unstructured", "row")])
+def test_row_weights_leave_each_rows_own_choice_unchanged(method, pattern, allocation):
+    # N:M and allocation row choose within each row, so a row factor cannot move them:
+    # the Kronecker 2:4 result is the layer-wise one, byte for byte
+    from obs_compress.algorithms import prune_weight
+
+    weight, hessian = _layer_problem()
+    row_weights = torch.linspace(0.1, 10.0, 12)
+    kwargs = dict(method=method, sparsity=0.5, pattern=pattern, allocation=allocation,
+                  block_size=16)
+    plain = prune_weight(weight, hessian, **kwargs)
+    weighted = prune_weight(weight, hessian, row_weights=row_weights, **kwargs)
+    assert _bytes(plain.weight) == _bytes(weighted.weight)
+    assert torch.equal(plain.mask, weighted.mask)
+
+
 def test_row_weights_refusals():
     from obs_compress.algorithms import prune_weight
 
