@@ -301,3 +301,39 @@ def test_structured_benchmark_table_names_the_commit_it_ran_at():
     table = bench_structured.markdown(meta, [row])
     assert "2 cores; commit 06cd2f7; started 2026-12-07 13:15:27" in table
     assert "| mlp30-obs | obs (hessian) | 1 | 42.89 | 47.56 | 110,616,768 | 442.5 |" in table
+
+
+def test_width_benchmark_counts_the_smaller_configs(tmp_path, capsys):
+    import bench_widths  # tools/, on the path through conftest.py
+    from _tiny_models import tiny_config
+
+    tiny_config("llama", layers=2).save_pretrained(tmp_path)
+    assert bench_widths.main(["--model", str(tmp_path), "--rounds", "1", "--prefill-tokens",
+                              "8", "--decode-steps", "2", "--widths", "intermediate_size=96",
+                              "intermediate_size=96,num_attention_heads=2"]) == 0
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    # hidden 64, 4 query heads of 16 over 2 key/value heads, vocab 128 untied, 2 layers
+    attention = lambda heads: 64 * 16 * heads * 2 + 64 * 16 * 2 * 2  # q, o; k, v
+    mlp = lambda width: 3 * 64 * width
+    norms = 2 * 2 * 64 + 64
+    dense = 2 * (attention(4) + mlp(128)) + 2 * 128 * 64 + norms
+    smaller = 2 * (attention(4) + mlp(96)) + 2 * 128 * 64 + norms
+    assert rows["dense"][1] == f"{dense:,}" and rows["intermediate_size=96"][1] == f"{smaller:,}"
+    # prefill bound: multiply-adds per token, the linears plus 4 heads x 16 x 2 x 8/2 scores
+    scores = lambda heads: 2 * heads * 16 * 2 * 4
+    linear = lambda heads, width: 2 * (attention(heads) + mlp(width)) + 128 * 64
+    bound = (linear(4, 128) + scores(4)) / (linear(2, 96) + scores(2))
+    assert f"({bound:.3f})" in rows["intermediate_size=96,num_attention_heads=2"][3]
+    assert f"({dense / smaller:.3f})" in rows["intermediate_size=96"][5]
+
+
+def test_width_benchmark_refuses_unknown_and_malformed_widths(tmp_path):
+    import bench_widths
+    from _tiny_models import tiny_config
+
+    tiny_config("llama", layers=1).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="expected key=integer"):
+        bench_widths.main(["--model", str(tmp_path), "--widths", "intermediate_size=wide"])
+    with pytest.raises(SystemExit, match="the config has no mlp_width"):
+        bench_widths.main(["--model", str(tmp_path), "--widths", "mlp_width=96"])
