@@ -36,6 +36,7 @@ import copy
 import gc
 import json
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -175,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
             report = obs_compress.oneshot(model, recipes[name], data.calibration, progress=False)
             row["prune_seconds"] = time.perf_counter() - start
             row["reconstruction_loss"] = sum(s.reconstruction_loss for s in report.structure)
+            # what went in each block, and the loss OBS predicted for it: two variants that
+            # chose the same units differ only where their predicted losses do
+            row["removed"] = [{"block": s.block, "heads": list(s.heads),
+                               "kv_heads": list(s.kv_heads),
+                               "mlp_channels": list(s.mlp_channels),
+                               "predicted_loss": s.predicted_loss} for s in report.structure]
             row["config"] = {key: getattr(model.config, key) for key in (
                 "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")}
         row.update(evaluate(model, data.windows))
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{phase}_tok_s"] = measured[f"{key}_{phase}"]
                 row[f"dense_{phase}_tok_s"] = measured[f"dense_{phase}"]
                 row[f"{phase}_vs_dense"] = measured[f"{key}_{phase}"] / measured[f"dense_{phase}"]
-            row["load_average"] = list(__import__("os").getloadavg())
+            row["load_average"] = list(os.getloadavg())
         rows.append(row)
         logger.info("%s: %s", name, {k: v for k, v in row.items() if k not in ("recipe",)})
         json_path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
