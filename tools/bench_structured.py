@@ -176,12 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             report = obs_compress.oneshot(model, recipes[name], data.calibration, progress=False)
             row["prune_seconds"] = time.perf_counter() - start
             row["reconstruction_loss"] = sum(s.reconstruction_loss for s in report.structure)
-            # what went in each block, and the loss OBS predicted for it: two variants that
-            # chose the same units differ only where their predicted losses do
-            row["removed"] = [{"block": s.block, "heads": list(s.heads),
-                               "kv_heads": list(s.kv_heads),
-                               "mlp_channels": list(s.mlp_channels),
-                               "predicted_loss": s.predicted_loss} for s in report.structure]
+            # each block's removed units and predicted loss, to compare two variants' choices
+            row["removed"] = [stats.to_dict() for stats in report.structure]
             row["config"] = {key: getattr(model.config, key) for key in (
                 "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")}
         row.update(evaluate(model, data.windows))
